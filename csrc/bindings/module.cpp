@@ -1,0 +1,125 @@
+// fastloss._C: the one file under csrc/ that sees Python. It exposes each
+// family's torch-free entry points with pointers passed as integers, so the
+// build needs neither torch nor its headers. Python (python/fastloss/) owns
+// validation, allocation and the choice of stream.
+//
+// Registration list: a new family adds its bind_<family>() below.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+
+#include "common/dtype.h"
+#include "common/parallel.h"
+#include "spherical/dense_loss.h"
+
+namespace py = pybind11;
+
+namespace {
+
+template <class T = void>
+T* as_ptr(uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+#if defined(FASTLOSS_WITH_CUDA)
+cudaStream_t as_stream(uintptr_t handle) { return reinterpret_cast<cudaStream_t>(handle); }
+#endif
+
+py::dict build_info() {
+  py::dict info;
+  info["version"] = FASTLOSS_VERSION_STRING;
+#if defined(FASTLOSS_WITH_CUDA)
+  info["cuda"] = true;
+  info["cuda_archs"] = FASTLOSS_CUDA_ARCHS_STRING;
+#else
+  info["cuda"] = false;
+  info["cuda_archs"] = "";
+#endif
+#if defined(__clang__)
+  info["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  info["compiler"] = std::string("gcc ") + __VERSION__;
+#else
+  info["compiler"] = "unknown";
+#endif
+#if defined(_OPENMP)
+  info["openmp"] = true;
+#else
+  info["openmp"] = false;
+#endif
+  info["cpu_threads"] = fl::cpu_thread_count();
+  return info;
+}
+
+// ---- spherical family -------------------------------------------------------
+fl::spherical::DenseLossProblem dense_problem(int dtype, uintptr_t logits, int64_t rows, int64_t cols,
+                                              int64_t row_stride, uintptr_t target, int64_t ignore_index, int kind,
+                                              double a, double b, double eps) {
+  fl::spherical::DenseLossProblem p;
+  p.dtype = fl::dtype_from_code(dtype, "fastloss.spherical");
+  p.logits = as_ptr<const void>(logits);
+  p.rows = rows;
+  p.cols = cols;
+  p.row_stride = row_stride;
+  p.target = as_ptr<const int64_t>(target);
+  p.ignore_index = ignore_index;
+  p.params = fl::spherical::LossParams{static_cast<fl::spherical::LossKind>(kind), a, b, eps};
+  return p;
+}
+
+void bind_spherical(py::module_& m) {
+  using namespace fl::spherical;
+  m.def(
+      "spherical_dense_forward_cpu",
+      [](int dtype, uintptr_t logits, int64_t rows, int64_t cols, int64_t row_stride, uintptr_t target,
+         int64_t ignore_index, int kind, double a, double b, double eps, uintptr_t loss, uintptr_t coef,
+         const std::string& op_name) {
+        DenseLossProblem p = dense_problem(dtype, logits, rows, cols, row_stride, target, ignore_index, kind, a, b, eps);
+        p.op_name = op_name.c_str();
+        dense_loss_forward_cpu(p, as_ptr(loss), as_ptr(coef));
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "spherical_dense_backward_cpu",
+      [](int dtype, uintptr_t logits, int64_t rows, int64_t cols, int64_t row_stride, uintptr_t target,
+         int64_t ignore_index, uintptr_t grad_loss, int64_t grad_loss_stride, uintptr_t coef,
+         uintptr_t grad_logits) {
+        dense_loss_backward_cpu(dense_problem(dtype, logits, rows, cols, row_stride, target, ignore_index, 0, 0.0, 0.0, 0.0),
+                                as_ptr<const void>(grad_loss), grad_loss_stride, as_ptr<const void>(coef),
+                                as_ptr(grad_logits));
+      },
+      py::call_guard<py::gil_scoped_release>());
+#if defined(FASTLOSS_WITH_CUDA)
+  m.def("spherical_dense_forward_cuda_workspace_bytes", &dense_loss_forward_cuda_workspace_bytes,
+        py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "spherical_dense_forward_cuda",
+      [](int dtype, uintptr_t logits, int64_t rows, int64_t cols, int64_t row_stride, uintptr_t target,
+         int64_t ignore_index, int kind, double a, double b, double eps, uintptr_t loss, uintptr_t coef,
+         uintptr_t workspace, int64_t workspace_bytes, int device, uintptr_t stream) {
+        dense_loss_forward_cuda(dense_problem(dtype, logits, rows, cols, row_stride, target, ignore_index, kind, a, b, eps),
+                                as_ptr(loss), as_ptr(coef), as_ptr(workspace), workspace_bytes, device,
+                                as_stream(stream));
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "spherical_dense_backward_cuda",
+      [](int dtype, uintptr_t logits, int64_t rows, int64_t cols, int64_t row_stride, uintptr_t target,
+         int64_t ignore_index, uintptr_t grad_loss, int64_t grad_loss_stride, uintptr_t coef,
+         uintptr_t grad_logits, int device, uintptr_t stream) {
+        dense_loss_backward_cuda(dense_problem(dtype, logits, rows, cols, row_stride, target, ignore_index, 0, 0.0, 0.0, 0.0),
+                                 as_ptr<const void>(grad_loss), grad_loss_stride, as_ptr<const void>(coef),
+                                 as_ptr(grad_logits), device, as_stream(stream));
+      },
+      py::call_guard<py::gil_scoped_release>());
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastloss kernels (torch-free; called by the ops in fastloss/*.py)";
+  m.def("build_info", &build_info, "How this copy of fastloss was built.");
+  bind_spherical(m);
+}
