@@ -43,11 +43,6 @@ py::dict build_info() {
 #else
   info["compiler"] = "unknown";
 #endif
-#if defined(_OPENMP)
-  info["openmp"] = true;
-#else
-  info["openmp"] = false;
-#endif
   info["cpu_threads"] = fl::cpu_thread_count();
   return info;
 }

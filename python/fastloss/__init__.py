@@ -1,7 +1,7 @@
 """fastloss: hand-written C++/CUDA kernels for losses, behind PyTorch custom ops.
 
 ``import fastloss`` registers every op under ``torch.ops.fastloss``; the functional API is
-``fastloss.<fn>`` and the modules are ``fastloss.nn.<Module>``.
+``fastloss.<fn>`` (each family's ``__all__``) and the modules are ``fastloss.nn.<Module>``.
 """
 
 from __future__ import annotations
@@ -10,12 +10,8 @@ import torch  # noqa: F401  (the ops register into torch.library)
 
 from . import _families
 from ._library import BUILD_INFO, HAS_CUDA_KERNELS, poison_outputs, set_target_checks
-from .spherical import spherical_softmax_loss, taylor_softmax_loss, zloss
 
 __version__: str = BUILD_INFO["version"]
-
-_families.import_all("")
-from . import nn  # noqa: E402  (after the ops exist)
 
 
 def build_info() -> dict:
@@ -23,13 +19,15 @@ def build_info() -> dict:
     return dict(BUILD_INFO)
 
 
-__all__ = [
-    "zloss",
-    "spherical_softmax_loss",
-    "taylor_softmax_loss",
-    "nn",
-    "build_info",
-    "set_target_checks",
-    "poison_outputs",
-    "HAS_CUDA_KERNELS",
-]
+__all__ = ["nn", "build_info", "set_target_checks", "poison_outputs", "HAS_CUDA_KERNELS"]
+
+# Every family's functional API becomes fastloss.<fn>.
+for _family in _families.import_all(""):
+    for _name in _family.__all__:
+        globals()[_name] = getattr(_family, _name)
+        __all__.append(_name)
+
+from . import nn  # noqa: E402  (after the ops exist)
+
+# Explicit names for type checkers and readers; the loop above is what a new family relies on.
+from .spherical import spherical_softmax_loss, taylor_softmax_loss, zloss  # noqa: E402,F401

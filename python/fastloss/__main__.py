@@ -22,8 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fastloss {info['version']}  torch {torch.__version__}  python {sys.version.split()[0]}")
     cuda_state = f"CUDA kernels for {info['cuda_archs']}" if info["cuda"] else "no CUDA kernels (CPU-only build)"
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU visible"
-    print(f"build: {cuda_state}; {info['compiler']}; OpenMP {'on' if info['openmp'] else 'off'}, "
-          f"{info['cpu_threads']} CPU threads; {gpu}")
+    print(f"build: {cuda_state}; {info['compiler']}; {info['cpu_threads']} CPU threads; {gpu}")
 
     print("\nself-check against float64 references (outputs poisoned with NaN before each kernel):")
     passed = run_self_checks()

@@ -6,6 +6,8 @@ import torch
 
 from .. import spherical as F
 
+__all__ = ["ZLoss", "SphericalSoftmaxLoss", "TaylorSoftmaxLoss"]
+
 
 class _ClassificationLoss(torch.nn.Module):
     def __init__(self, reduction: str = "mean", ignore_index: int = -100) -> None:
