@@ -17,6 +17,10 @@ namespace {
 
 constexpr int64_t kChunk = 16384;      // elements per parallel task along a row
 constexpr int64_t kSubBlock = 256;     // elements summed against one shift
+// Waking a pool thread costs ~10 us: a piece of a parallel loop gets at least this many elements.
+constexpr int64_t kMinElementsPerPiece = 1 << 16;
+
+int64_t tasks_per_piece(int64_t cols) { return std::max<int64_t>(1, kMinElementsPerPiece / std::min(cols, kChunk)); }
 
 bool is_ignored(const DenseLossProblem& p, int64_t row) { return p.target[row] == p.ignore_index; }
 
@@ -57,7 +61,7 @@ void forward_typed(const DenseLossProblem& p, void* loss_out, void* coef_out) {
   const int64_t chunks = (p.cols + kChunk - 1) / kChunk;
 
   std::vector<Moments<Acc>> partial(static_cast<size_t>(p.rows * chunks));
-  parallel_for(p.rows * chunks, std::max<int64_t>(1, kChunk / p.cols), [&](int64_t begin, int64_t end) {
+  parallel_for(p.rows * chunks, tasks_per_piece(p.cols), [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t row = task / chunks;
       if (is_ignored(p, row)) continue;
@@ -67,7 +71,7 @@ void forward_typed(const DenseLossProblem& p, void* loss_out, void* coef_out) {
     }
   });
 
-  parallel_for(p.rows, 1024, [&](int64_t begin, int64_t end) {
+  parallel_for(p.rows, kMinElementsPerPiece / 16, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       HeadResult<Acc> head = zero_head<Acc>();
       if (!is_ignored(p, row)) {
@@ -92,7 +96,7 @@ void backward_typed(const DenseLossProblem& p, const void* grad_loss_in, int64_t
   T* grad = static_cast<T*>(grad_out);
   const int64_t chunks = (p.cols + kChunk - 1) / kChunk;
 
-  parallel_for(p.rows * chunks, std::max<int64_t>(1, kChunk / p.cols), [&](int64_t begin, int64_t end) {
+  parallel_for(p.rows * chunks, tasks_per_piece(p.cols), [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t row = task / chunks;
       const int64_t c0 = (task % chunks) * kChunk;

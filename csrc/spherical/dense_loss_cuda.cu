@@ -146,12 +146,12 @@ __global__ void __launch_bounds__(kThreads) backward_rows_kernel(DenseLossProble
   const int64_t t = p.target[row];
   const T* x = static_cast<const T*>(p.logits) + row * p.row_stride;
   T* out = grad + row * p.cols;
-  RowGradient<Acc> g{Acc(0), Acc(0), Acc(0), Acc(0)};
-  Acc upstream = Acc(0);
-  if (t != p.ignore_index) {  // ignored rows: zeros, whatever the logits hold
-    g = load_row_gradient(coef + row * kCoefficientsPerRow);
-    upstream = grad_loss[row * grad_loss_stride];
+  if (t == p.ignore_index) {  // ignored rows: exact zeros, whatever the logits hold (inf included)
+    for (int64_t k = begin + threadIdx.x; k < end; k += kThreads) out[k] = CudaStore<T>::from(Acc(0));
+    return;
   }
+  const RowGradient<Acc> g = load_row_gradient(coef + row * kCoefficientsPerRow);
+  const Acc upstream = grad_loss[row * grad_loss_stride];
   transform_elements(x, out, begin, end, threadIdx.x, kThreads,
                      [&](int64_t k, T value) { return gradient_element(g, upstream, value, k == t); });
 }
