@@ -132,15 +132,20 @@ def test_opcheck_backward(device):
     torch.library.opcheck(torch.ops.fastloss.spherical_loss_backward.default, (grad_loss, logits, target, coef, -100))
 
 
-@pytest.mark.parametrize("name", LOSS_NAMES)
-def test_torch_compile_fullgraph(name, device):
+COMPILE_CASES = [(name, "aot_eager") for name in LOSS_NAMES] + [("zloss", "inductor")]
+
+
+@pytest.mark.parametrize("name,backend", COMPILE_CASES)
+def test_torch_compile_fullgraph(name, backend, device):
+    """aot_eager exercises the fake kernels and autograd under tracing; inductor the whole pipeline."""
     fast, reference, kwargs = ref.LOSSES[name]
     logits, target = make_inputs(6, 33, torch.float32, device, ignore_every=3)
 
     def step(x, t):
         return fast(x * 2.0, t, **kwargs)
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend=backend)
     x = logits.clone().requires_grad_()
     out = compiled(x, target)
     out.backward()
