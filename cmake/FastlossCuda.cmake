@@ -5,6 +5,14 @@
 # FASTLOSS_CUDA_ARCHS (semicolon or comma separated, e.g. "90a" or "80;90a"):
 #   empty -> "native" when nvidia-smi sees a GPU, else FASTLOSS_DEFAULT_CUDA_ARCHS.
 set(FASTLOSS_DEFAULT_CUDA_ARCHS "80-real;86-real;89-real;90a-real;90-virtual")
+# A plain `cmake` configure honours the same environment variables as `pip install`
+# when the cache variables are left at their defaults.
+if(FASTLOSS_CUDA STREQUAL "AUTO" AND DEFINED ENV{FASTLOSS_CUDA})
+  set(FASTLOSS_CUDA "$ENV{FASTLOSS_CUDA}")
+endif()
+if(FASTLOSS_CUDA_ARCHS STREQUAL "" AND DEFINED ENV{FASTLOSS_CUDA_ARCHS})
+  set(FASTLOSS_CUDA_ARCHS "$ENV{FASTLOSS_CUDA_ARCHS}")
+endif()
 set(FASTLOSS_WITH_CUDA OFF)
 set(FASTLOSS_CUDA_ARCHS_USED "")
 file(READ "${PROJECT_SOURCE_DIR}/pyproject.toml" _fl_pyproject)

@@ -64,6 +64,9 @@ def run(device: torch.device, *, quick: bool = False, name_filter: str = "", com
         "fastloss": build_info()["version"],
         "fastloss_build": build_info(),
         "python": platform.python_version(),
+        "torch_threads": torch.get_num_threads(),
+        # Thread settings change CPU timings a lot (torch's OpenMP spin-waits by default).
+        "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "FASTLOSS_NUM_THREADS")},
         "quick": quick,
         "results": results,
     }
