@@ -1,6 +1,8 @@
 """Spherical-family losses on dense logits against float64 references written plainly in PyTorch."""
 
 import math
+import os
+import zlib
 
 import pytest
 import torch
@@ -42,14 +44,17 @@ def check_against_reference(name, logits, target, device, *, reduction="none", *
     assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert x.grad.dtype == dtype and x.grad.shape == logits.shape
     assert_close(out, expected, LOSS_RTOL[dtype], f"{name} loss")
-    assert_close(x.grad, x64.grad, GRAD_RTOL[dtype], f"{name} grad")
+    # With one class every loss is constant in o: the gradient is 0, computed as a difference of terms
+    # up to 1/sqrt(eps) in size, so it is checked against the rounding of those terms.
+    atol = 1e-3 if logits.shape[-1] == 1 else 0.0
+    assert_close(x.grad, x64.grad, GRAD_RTOL[dtype], f"{name} grad", atol=atol)
 
 
 @pytest.mark.parametrize("name", LOSS_NAMES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_matches_float64_reference(name, dtype, shape, device):
-    logits, target = make_inputs(*shape, dtype, device, seed=hash((name, shape)) % 1000, ignore_every=3)
+    logits, target = make_inputs(*shape, dtype, device, seed=zlib.crc32(repr((name, shape)).encode()), ignore_every=3)
     check_against_reference(name, logits, target, device)
 
 
@@ -99,6 +104,40 @@ def test_strided_logits(name, device):
     check_against_reference(name, rows_view, target, device)
     every_other = base[:, ::2]  # non-unit stride along classes: copied first
     check_against_reference(name, every_other, target % every_other.shape[1], device)
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_views_that_cannot_be_read_in_place(name, device):
+    """A single strided row, broadcast (stride 0) rows and a strided 1-D input are copied, not misread."""
+    base, target = make_inputs(10, 3, torch.float32, device)
+    column = base[:, 0]  # one row of 10 classes with stride 3
+    check_against_reference(name, column, target[0] % 10, device)
+    broadcast = base[:1].expand(6, 3)  # row stride 0
+    check_against_reference(name, broadcast, target[:6], device)
+    expanded = torch.tensor([2.0], device=device).expand(6)  # stride 0 along the classes
+    check_against_reference(name, expanded, torch.tensor(1, device=device), device)
+
+
+def test_backward_op_checks_devices():
+    logits, target = make_inputs(3, 4, torch.float32, "cpu")
+    _, coef = torch.ops.fastloss.zloss(logits, target, 1.0, 0.0, 1e-12, -100)
+    with pytest.raises(ValueError, match="fastloss.spherical_loss_backward: all tensors must be on one device"):
+        fastloss.spherical._backward("cpu", torch.ones(3), logits, target, coef.to("meta"), -100)
+
+
+def test_cpu_kernels_follow_torch_thread_count():
+    logits, target = make_inputs(64, 40_000, torch.float32, "cpu")
+    expected = fastloss.zloss(logits, target, reduction="none")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = fastloss.zloss(logits, target, reduction="none")
+        assert fastloss._C.build_info()["cpu_threads"] == 1
+    finally:
+        torch.set_num_threads(threads)
+    fastloss.zloss(logits, target, reduction="none")
+    assert fastloss._C.build_info()["cpu_threads"] == min(threads, len(os.sched_getaffinity(0)))
+    assert_close(single, expected, 1e-6, "one thread vs several")
 
 
 @pytest.mark.parametrize("name", LOSS_NAMES)

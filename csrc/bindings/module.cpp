@@ -11,6 +11,7 @@
 
 #include "common/dtype.h"
 #include "common/parallel.h"
+#include "common/thread_pool.h"
 #include "spherical/dense_loss.h"
 
 namespace py = pybind11;
@@ -116,5 +117,6 @@ void bind_spherical(py::module_& m) {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastloss kernels (torch-free; called by the ops in fastloss/*.py)";
   m.def("build_info", &build_info, "How this copy of fastloss was built.");
+  m.def("set_cpu_thread_limit", &fl::set_cpu_thread_limit, "Caps the threads of the CPU kernels.");
   bind_spherical(m);
 }

@@ -37,4 +37,10 @@ int cuda_sm_count(int device);
   } while (0)
 
 // After every <<<...>>>: launch-configuration errors surface here, not at the next call.
-#define FL_CUDA_CHECK_LAUNCH(kernel_name) FL_CUDA_CHECK(cudaPeekAtLastError())
+// cudaGetLastError also clears the error, so one failed launch does not fail every later one.
+#define FL_CUDA_CHECK_LAUNCH(kernel_name)                                                   \
+  do {                                                                                      \
+    const cudaError_t fl_status_ = cudaGetLastError();                                      \
+    if (fl_status_ != cudaSuccess)                                                          \
+      fl::throw_cuda_error(fl_status_, "the launch of " #kernel_name, __FILE__, __LINE__); \
+  } while (0)

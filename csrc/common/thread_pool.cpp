@@ -4,6 +4,7 @@
 #include <sched.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdlib>
 #include <exception>
@@ -15,6 +16,7 @@ namespace fl {
 namespace {
 
 thread_local bool inside_piece = false;
+int pool_size_limit();
 
 int detect_thread_count() {
   if (const char* env = std::getenv("FASTLOSS_NUM_THREADS")) {
@@ -33,7 +35,11 @@ int detect_thread_count() {
 class Pool {
  public:
   explicit Pool(int threads) : owner_pid_(getpid()) {
-    for (int i = 1; i < threads; ++i) workers_.emplace_back([this, i] { work(i); });
+    try {
+      for (int i = 1; i < threads; ++i) workers_.emplace_back([this, i] { work(i); });
+    } catch (const std::exception&) {
+      // Could not start them all (resource limits): work with the threads that did start.
+    }
   }
 
   // Never joined: the pool lives for the process (joining at exit can deadlock in a Python teardown).
@@ -107,16 +113,26 @@ Pool& pool() {
   static Pool* instance = nullptr;
   std::lock_guard<std::mutex> lock(create_mutex);
   // After fork() the child has no workers: start a new pool (the old one is left alone).
-  if (instance == nullptr || instance->owner_pid() != getpid()) instance = new Pool(detect_thread_count());
+  if (instance == nullptr || instance->owner_pid() != getpid()) instance = new Pool(pool_size_limit());
   return *instance;
 }
+
+int pool_size_limit() {
+  static const int count = detect_thread_count();  // detected once: the pool's size follows it
+  return count;
+}
+
+std::atomic<int> thread_limit{0};  // 0: no limit set
 
 }  // namespace
 
 int cpu_thread_count() {
-  static const int count = detect_thread_count();
-  return count;
+  const int limit = thread_limit.load(std::memory_order_relaxed);
+  const int size = pool_size_limit();
+  return limit > 0 && limit < size ? limit : size;
 }
+
+void set_cpu_thread_limit(int threads) { thread_limit.store(threads > 0 ? threads : 1, std::memory_order_relaxed); }
 
 void run_pieces(int pieces, const std::function<void(int)>& fn) {
   if (pieces <= 1 || inside_piece) {

@@ -10,9 +10,13 @@
 
 namespace fl {
 
-// Threads a parallel loop may use, the calling thread included: FASTLOSS_NUM_THREADS if set,
-// else the CPUs this process may run on.
+// Threads a parallel loop may use, the calling thread included: the limit set with
+// set_cpu_thread_limit (the Python layer passes torch.get_num_threads()), else
+// FASTLOSS_NUM_THREADS if set, else the CPUs this process may run on.
 int cpu_thread_count();
+
+// Caps the threads of later parallel loops (>= 1; values above the pool's size are clipped).
+void set_cpu_thread_limit(int threads);
 
 // Calls fn(piece) for every piece in [0, pieces), spread over the pool; the caller runs piece 0
 // and returns when all are done. Runs serially when called from inside a piece, or while another

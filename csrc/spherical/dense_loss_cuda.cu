@@ -161,12 +161,13 @@ template <class T, class Acc>
 __global__ void __launch_bounds__(kThreads) backward_flat_kernel(DenseLossProblem p, const Acc* __restrict__ grad_loss,
                                                                  int64_t grad_loss_stride, const Acc* __restrict__ coef,
                                                                  T* __restrict__ grad) {
-  const int64_t total = p.rows * p.cols;
+  // The caller guarantees rows * cols < 2^31: 32-bit index math (a 64-bit divide is ~10x dearer).
+  const int total = static_cast<int>(p.rows * p.cols);
+  const int cols = static_cast<int>(p.cols);
   const T* logits = static_cast<const T*>(p.logits);
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const int64_t row = i / p.cols;
-    const int64_t k = i - row * p.cols;
+  for (int i = blockIdx.x * kThreads + threadIdx.x; i < total; i += gridDim.x * kThreads) {
+    const int row = i / cols;
+    const int k = i - row * cols;
     const int64_t t = p.target[row];
     if (t == p.ignore_index) {
       grad[i] = CudaStore<T>::from(Acc(0));
@@ -175,6 +176,11 @@ __global__ void __launch_bounds__(kThreads) backward_flat_kernel(DenseLossProble
     const RowGradient<Acc> g = load_row_gradient(coef + row * kCoefficientsPerRow);
     grad[i] = gradient_element(g, grad_loss[row * grad_loss_stride], logits[row * p.row_stride + k], k == t);
   }
+}
+
+// Grid x is limited to 2^31 - 1 blocks.
+void check_grid(int64_t blocks, const char* where) {
+  FL_CHECK_ARG(blocks < (int64_t(1) << 31), where, ": problem too large for one launch (", blocks, " blocks)");
 }
 
 template <class T>
@@ -191,12 +197,15 @@ void forward_typed(const DenseLossProblem& p, void* loss_out, void* coef_out, vo
     FL_CHECK_ARG(partial != nullptr && workspace_bytes >= needed, "fastloss.spherical dense_loss_forward_cuda",
                  ": workspace of ", workspace_bytes, " bytes is smaller than the ", needed, " bytes needed");
   }
+  const char* where = "fastloss.spherical dense_loss_forward_cuda";
   if (plan.lanes_per_task == 32) {
     const int64_t blocks = (tasks + kThreads / 32 - 1) / (kThreads / 32);
+    check_grid(blocks, where);
     row_moments_kernel<T, Acc, 32><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p, plan.chunks, plan.chunk_len,
                                                                                           loss, coef, partial);
     FL_CUDA_CHECK_LAUNCH(row_moments_kernel);
   } else {
+    check_grid(tasks, where);
     row_moments_kernel<T, Acc, kThreads><<<static_cast<unsigned>(tasks), kThreads, 0, stream>>>(p, plan.chunks, plan.chunk_len,
                                                                                                loss, coef, partial);
     FL_CUDA_CHECK_LAUNCH(row_moments_kernel);
@@ -213,7 +222,7 @@ template <class T>
 void backward_typed(const DenseLossProblem& p, const void* grad_loss, int64_t grad_loss_stride, const void* coef,
                     void* grad, int device, cudaStream_t stream) {
   using Acc = typename AccType<T>::type;
-  if (p.cols <= kFlatBackwardMaxCols) {
+  if (p.cols <= kFlatBackwardMaxCols && p.rows * p.cols <= (int64_t(1) << 30)) {
     const int64_t total = p.rows * p.cols;
     const int64_t max_blocks = 32 * static_cast<int64_t>(cuda_sm_count(device));
     const int64_t blocks = std::min<int64_t>(max_blocks, (total + kThreads - 1) / kThreads);
@@ -223,14 +232,11 @@ void backward_typed(const DenseLossProblem& p, const void* grad_loss, int64_t gr
     return;
   }
   const int64_t chunks = (p.cols + kBackwardChunk - 1) / kBackwardChunk;
+  check_grid(p.rows * chunks, "fastloss.spherical dense_loss_backward_cuda");
   backward_rows_kernel<T, Acc><<<static_cast<unsigned>(p.rows * chunks), kThreads, 0, stream>>>(
       p, static_cast<const Acc*>(grad_loss), grad_loss_stride, static_cast<const Acc*>(coef), static_cast<T*>(grad),
       chunks);
   FL_CUDA_CHECK_LAUNCH(backward_rows_kernel);
-}
-
-void check_grid(int64_t blocks, const char* where) {
-  FL_CHECK_ARG(blocks < (int64_t(1) << 31), where, ": problem too large for one launch (", blocks, " blocks)");
 }
 
 }  // namespace
@@ -249,7 +255,6 @@ void dense_loss_forward_cuda(const DenseLossProblem& problem, void* loss, void* 
   validate_loss_params(problem.params, where);
   if (problem.rows == 0) return;
   CudaDeviceGuard guard(device);
-  check_grid(problem.rows * plan_forward(problem.rows, problem.cols, device).chunks, where);
   dispatch_float_types<__half, __nv_bfloat16>(problem.dtype, where, [&](auto tag) {
     forward_typed<typename decltype(tag)::type>(problem, loss, coef, workspace, workspace_bytes, device, stream);
   });
@@ -262,7 +267,6 @@ void dense_loss_backward_cuda(const DenseLossProblem& problem, const void* grad_
   FL_CHECK_ARG(grad_loss_stride >= 0, where, ": grad_loss_stride must be >= 0, got ", grad_loss_stride);
   if (problem.rows == 0) return;
   CudaDeviceGuard guard(device);
-  check_grid(problem.rows * ((problem.cols + kBackwardChunk - 1) / kBackwardChunk), where);
   dispatch_float_types<__half, __nv_bfloat16>(problem.dtype, where, [&](auto tag) {
     backward_typed<typename decltype(tag)::type>(problem, grad_loss, grad_loss_stride, coef, grad_logits, device,
                                                  stream);

@@ -77,8 +77,30 @@ def may_inspect_values(t: torch.Tensor) -> bool:
     if torch.compiler.is_compiling():
         return False
     if t.device.type == "cuda":
-        return _settings["check_targets_on_cuda"] and not torch.cuda.is_current_stream_capturing()
+        if not _settings["check_targets_on_cuda"]:
+            return False
+        with on_device(t):  # the capture state belongs to t's device, not the current one
+            return not torch.cuda.is_current_stream_capturing()
     return True
+
+
+def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Makes ``t``'s GPU current when it is not already. Switching through torch (rather than only in
+    the C++ guard) keeps the CUDA runtime from creating a context on GPU 0 when switching back."""
+    if t.device.index is None or t.device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
+
+
+_cpu_threads_set = [0]
+
+
+def sync_cpu_threads() -> None:
+    """CPU kernels use as many threads as torch does (``torch.set_num_threads``; 1 in DataLoader workers)."""
+    threads = torch.get_num_threads()
+    if threads != _cpu_threads_set[0]:
+        _C.set_cpu_thread_limit(threads)
+        _cpu_threads_set[0] = threads
 
 
 def cuda_stream(t: torch.Tensor) -> int:

@@ -38,10 +38,10 @@ def _check_op_inputs(name: str, logits: torch.Tensor, target: torch.Tensor) -> N
     """The op-level contract (the functional API has already reshaped to it)."""
     V.dtype_in(name, "logits", logits, V.FLOAT_DTYPES)
     V.dtype_in(name, "target", target, (torch.int64,))
-    if logits.dim() != 2 or logits.shape[1] < 1 or (logits.shape[0] > 1 and logits.stride(1) != 1):
+    if logits.dim() != 2 or logits.shape[1] < 1 or not _has_row_layout(logits):
         raise ValueError(
-            f"fastloss.{name}: argument 'logits' must be 2-D (N, D) with D >= 1 and unit stride along D, "
-            f"got shape {tuple(logits.shape)} and strides {logits.stride()}"
+            f"fastloss.{name}: argument 'logits' must be 2-D (N, D) with D >= 1, unit stride along D and rows that "
+            f"do not overlap, got shape {tuple(logits.shape)} and strides {logits.stride()}"
         )
     if target.dim() != 1 or target.shape[0] != logits.shape[0] or not target.is_contiguous():
         raise ValueError(
@@ -49,6 +49,14 @@ def _check_op_inputs(name: str, logits: torch.Tensor, target: torch.Tensor) -> N
             f"got shape {tuple(target.shape)}"
         )
     V.same_device(name, logits=logits, target=target)
+
+
+def _has_row_layout(logits: torch.Tensor) -> bool:
+    """Rows the kernels can read in place: unit stride along D (any stride when D == 1) and, with
+    several rows, a row stride of at least D (broadcast rows, stride 0, are not)."""
+    rows, cols = logits.shape
+    unit_inner = cols == 1 or logits.stride(1) == 1
+    return unit_inner and (rows <= 1 or logits.stride(0) >= cols)
 
 
 def _problem(logits: torch.Tensor, target: torch.Tensor) -> tuple:
@@ -65,18 +73,24 @@ def _forward(device: str, name: str, kind: int, logits, target, ignore_index: in
     coef = L.empty((rows, _COEFFICIENTS_PER_ROW), acc, logits.device)
     args = (*_problem(logits, target), ignore_index, kind, a, b, eps, loss.data_ptr(), coef.data_ptr())
     if device == "cpu":
+        L.sync_cpu_threads()
         _C.spherical_dense_forward_cpu(*args, f"fastloss.{name}")
-    else:
-        index = logits.device.index
-        ws_bytes = _C.spherical_dense_forward_cuda_workspace_bytes(rows, logits.shape[1], index)
-        workspace = torch.empty((max(ws_bytes, 1),), dtype=torch.uint8, device=logits.device)
-        _C.spherical_dense_forward_cuda(*args, workspace.data_ptr(), ws_bytes, index, L.cuda_stream(logits))
+        return loss, coef
+    index = logits.device.index
+    ws_bytes = _C.spherical_dense_forward_cuda_workspace_bytes(rows, logits.shape[1], index)
+    # Freed right after the launch: the caching allocator reuses it only in stream order.
+    workspace = torch.empty((ws_bytes,), dtype=torch.uint8, device=logits.device) if ws_bytes else None
+    with L.on_device(logits):
+        _C.spherical_dense_forward_cuda(
+            *args, workspace.data_ptr() if ws_bytes else 0, ws_bytes, index, L.cuda_stream(logits)
+        )
     return loss, coef
 
 
 def _backward(device: str, grad_loss, logits, target, coef, ignore_index: int):
     name = "spherical_loss_backward"
     _check_op_inputs(name, logits, target)
+    V.same_device(name, grad_loss=grad_loss, logits=logits, target=target, coef=coef)
     acc = L.accumulator_dtype(logits.dtype)
     rows = logits.shape[0]
     if grad_loss.dim() != 1 or grad_loss.shape[0] != rows:
@@ -99,9 +113,11 @@ def _backward(device: str, grad_loss, logits, target, coef, ignore_index: int):
         grad.data_ptr(),
     )
     if device == "cpu":
+        L.sync_cpu_threads()
         _C.spherical_dense_backward_cpu(*args)
     else:
-        _C.spherical_dense_backward_cuda(*args, logits.device.index, L.cuda_stream(logits))
+        with L.on_device(logits):
+            _C.spherical_dense_backward_cuda(*args, logits.device.index, L.cuda_stream(logits))
     return grad
 
 
@@ -198,7 +214,7 @@ def _prepare(fn: str, logits, target, ignore_index) -> tuple[torch.Tensor, torch
     L.require_cuda_kernels(fn, logits)
     classes = logits.shape[-1]
     rows2d = logits.reshape(-1, classes)
-    if rows2d.shape[0] > 1 and rows2d.stride(1) != 1:
+    if not _has_row_layout(rows2d):  # e.g. a strided column view or expanded (broadcast) rows
         rows2d = rows2d.contiguous()
     target1d = target.reshape(-1).to(torch.int64).contiguous()
     # The CPU kernel checks targets itself, before writing anything; on CUDA that needs a host read.
