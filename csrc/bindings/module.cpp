@@ -14,6 +14,10 @@
 #include "common/thread_pool.h"
 #include "spherical/dense_loss.h"
 
+#if defined(FASTLOSS_WITH_CUDA)
+#include <cuda_runtime_api.h>
+#endif
+
 namespace py = pybind11;
 
 namespace {
@@ -33,6 +37,13 @@ py::dict build_info() {
 #if defined(FASTLOSS_WITH_CUDA)
   info["cuda"] = true;
   info["cuda_archs"] = FASTLOSS_CUDA_ARCHS_STRING;
+  // The runtime is linked statically: the driver must support this version (0: no driver found).
+  int runtime_version = 0, driver_version = 0;
+  if (cudaRuntimeGetVersion(&runtime_version) != cudaSuccess) runtime_version = 0;
+  if (cudaDriverGetVersion(&driver_version) != cudaSuccess) driver_version = 0;
+  cudaGetLastError();
+  info["cuda_runtime_version"] = runtime_version;
+  info["cuda_driver_version"] = driver_version;
 #else
   info["cuda"] = false;
   info["cuda_archs"] = "";

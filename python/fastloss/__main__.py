@@ -20,7 +20,12 @@ def main(argv: list[str] | None = None) -> int:
 
     info = build_info()
     print(f"fastloss {info['version']}  torch {torch.__version__}  python {sys.version.split()[0]}")
-    cuda_state = f"CUDA kernels for {info['cuda_archs']}" if info["cuda"] else "no CUDA kernels (CPU-only build)"
+    cuda_state = (
+        f"CUDA kernels for {info['cuda_archs']} (runtime {info['cuda_runtime_version']}, "
+        f"driver {info['cuda_driver_version'] or 'not found'})"
+        if info["cuda"]
+        else "no CUDA kernels (CPU-only build)"
+    )
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU visible"
     print(f"build: {cuda_state}; {info['compiler']}; {info['cpu_threads']} CPU threads; {gpu}")
 
