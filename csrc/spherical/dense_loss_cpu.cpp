@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "common/dtype.h"
+#include "common/cpu_multiversion.h"
 #include "common/error.h"
 #include "common/moments.h"
 #include "common/parallel.h"
@@ -35,7 +36,7 @@ void check_targets(const DenseLossProblem& p) {
 
 // Moments of x[begin, end): vectorizable shifted sums per sub-block, merged with Chan's update.
 template <class T, class Acc>
-Moments<Acc> range_moments(const T* x, int64_t begin, int64_t end) {
+FL_CPU_MULTIVERSION Moments<Acc> range_moments(const T* x, int64_t begin, int64_t end) {
   Moments<Acc> total{Acc(0), Acc(0), Acc(0)};
   for (int64_t b = begin; b < end; b += kSubBlock) {
     const int64_t e = std::min(end, b + kSubBlock);
@@ -50,6 +51,18 @@ Moments<Acc> range_moments(const T* x, int64_t begin, int64_t end) {
     total = merge_moments(total, moments_from_shifted_sums(shift, Acc(e - b), s, q));
   }
   return total;
+}
+
+// out[k] = dL/do_k for k in [begin, end) of one row.
+template <class T, class Acc>
+FL_CPU_MULTIVERSION void range_gradient(const T* x, T* out, int64_t begin, int64_t end, int64_t target,
+                                        const RowGradient<Acc>& g, Acc upstream) {
+  const Acc scale = upstream * g.g_linear;
+  const Acc offset = upstream * g.g_const;
+  const Acc center = g.center;
+#pragma omp simd
+  for (int64_t k = begin; k < end; ++k) out[k] = StoreAs<T>::from(offset + scale * (to_acc(x[k]) - center));
+  if (target >= begin && target < end) out[target] = StoreAs<T>::from(element_gradient(g, upstream, to_acc(x[target]), true));
 }
 
 template <class T>
@@ -107,14 +120,8 @@ void backward_typed(const DenseLossProblem& p, const void* grad_loss_in, int64_t
         continue;
       }
       const RowGradient<Acc> g = load_row_gradient(coef + row * kCoefficientsPerRow);
-      const Acc upstream = grad_loss[row * grad_loss_stride];
-      const T* x = logits + row * p.row_stride;
-      const Acc scale = upstream * g.g_linear;
-      const Acc offset = upstream * g.g_const;
-#pragma omp simd
-      for (int64_t k = c0; k < c1; ++k) out[k] = StoreAs<T>::from(offset + scale * (to_acc(x[k]) - g.center));
-      const int64_t t = p.target[row];
-      if (t >= c0 && t < c1) out[t] = StoreAs<T>::from(element_gradient(g, upstream, to_acc(x[t]), true));
+      range_gradient<T, Acc>(logits + row * p.row_stride, out, c0, c1, p.target[row], g,
+                             grad_loss[row * grad_loss_stride]);
     }
   });
 }
