@@ -1,0 +1,51 @@
+"""The package around the kernels: build info, the family registration list, the self-check that
+`python -m fastloss` runs, and the benchmark runner's JSON."""
+
+import importlib
+import json
+
+import pytest
+import torch
+
+import fastloss
+from fastloss import _families
+from fastloss.bench import runner
+
+
+def test_build_info_describes_the_build():
+    info = fastloss.build_info()
+    assert info["version"] == fastloss.__version__
+    assert isinstance(info["cuda"], bool) and info["cuda"] == fastloss.HAS_CUDA_KERNELS
+    assert info["cpu_threads"] >= 1
+    if info["cuda"]:
+        assert info["cuda_archs"] and info["cuda_runtime_version"] > 0
+
+
+@pytest.mark.parametrize("family", _families.FAMILIES)
+def test_every_family_provides_all_its_modules(family):
+    for package in ("", "nn.", "reference.", "bench."):
+        module = importlib.import_module(f"fastloss.{package}{family}")
+        if package in ("", "nn."):
+            assert module.__all__ and all(hasattr(fastloss if not package else fastloss.nn, n) for n in module.__all__)
+
+
+def test_self_check_passes_and_reports_every_op(capsys):
+    from fastloss.selfcheck import run_self_checks
+
+    assert run_self_checks()
+    out = capsys.readouterr().out
+    for name in ("zloss", "spherical_softmax_loss", "taylor_softmax_loss"):
+        assert out.count(name) >= 3 and "FAIL" not in out
+
+
+def test_benchmark_runner_writes_json(tmp_path):
+    report = runner.run(torch.device("cpu"), quick=True, name_filter="zloss", compile_peer=False, budget_s=0.01,
+                        log=lambda *_: None)
+    path = runner.write_json(report, tmp_path / "out.json")
+    data = json.loads(path.read_text())
+    assert data["device"] and data["torch"] == torch.__version__ and data["fastloss"] == fastloss.__version__
+    assert data["date"][:4].isdigit()
+    impls = {r["impl"] for r in data["results"]}
+    assert impls == {"fastloss", "torch eager"}
+    for row in data["results"]:
+        assert row["median_ms"] > 0 and row["bytes_floor"] > 0 and row["max_rel_grad_difference"] < 1e-4
