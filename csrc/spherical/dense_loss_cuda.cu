@@ -18,6 +18,8 @@ namespace fl {
 namespace spherical {
 namespace {
 
+constexpr const char* kForwardName = "fastloss.spherical dense_loss_forward_cuda";
+constexpr const char* kBackwardName = "fastloss.spherical dense_loss_backward_cuda";
 constexpr int kThreads = 256;
 constexpr int64_t kWarpRowMaxCols = 4096;    // rows up to this length: one warp each
 constexpr int64_t kMinForwardChunk = 16384;  // a block reads at least this many elements of a row
@@ -194,18 +196,17 @@ void forward_typed(const DenseLossProblem& p, void* loss_out, void* coef_out, vo
   Acc* partial = static_cast<Acc*>(workspace);
   if (plan.chunks > 1) {
     const int64_t needed = tasks * 2 * static_cast<int64_t>(sizeof(Acc));
-    FL_CHECK_ARG(partial != nullptr && workspace_bytes >= needed, "fastloss.spherical dense_loss_forward_cuda",
+    FL_CHECK_ARG(partial != nullptr && workspace_bytes >= needed, kForwardName,
                  ": workspace of ", workspace_bytes, " bytes is smaller than the ", needed, " bytes needed");
   }
-  const char* where = "fastloss.spherical dense_loss_forward_cuda";
   if (plan.lanes_per_task == 32) {
     const int64_t blocks = (tasks + kThreads / 32 - 1) / (kThreads / 32);
-    check_grid(blocks, where);
+    check_grid(blocks, kForwardName);
     row_moments_kernel<T, Acc, 32><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p, plan.chunks, plan.chunk_len,
                                                                                           loss, coef, partial);
     FL_CUDA_CHECK_LAUNCH(row_moments_kernel);
   } else {
-    check_grid(tasks, where);
+    check_grid(tasks, kForwardName);
     row_moments_kernel<T, Acc, kThreads><<<static_cast<unsigned>(tasks), kThreads, 0, stream>>>(p, plan.chunks, plan.chunk_len,
                                                                                                loss, coef, partial);
     FL_CUDA_CHECK_LAUNCH(row_moments_kernel);
@@ -232,7 +233,7 @@ void backward_typed(const DenseLossProblem& p, const void* grad_loss, int64_t gr
     return;
   }
   const int64_t chunks = (p.cols + kBackwardChunk - 1) / kBackwardChunk;
-  check_grid(p.rows * chunks, "fastloss.spherical dense_loss_backward_cuda");
+  check_grid(p.rows * chunks, kBackwardName);
   backward_rows_kernel<T, Acc><<<static_cast<unsigned>(p.rows * chunks), kThreads, 0, stream>>>(
       p, static_cast<const Acc*>(grad_loss), grad_loss_stride, static_cast<const Acc*>(coef), static_cast<T*>(grad),
       chunks);
@@ -250,7 +251,7 @@ int64_t dense_loss_forward_cuda_workspace_bytes(int64_t rows, int64_t cols, int 
 
 void dense_loss_forward_cuda(const DenseLossProblem& problem, void* loss, void* coef, void* workspace,
                              int64_t workspace_bytes, int device, cudaStream_t stream) {
-  const char* where = "fastloss.spherical dense_loss_forward_cuda";
+  const char* where = kForwardName;
   validate_dense_shape(problem, where);
   validate_loss_params(problem.params, where);
   if (problem.rows == 0) return;
@@ -262,7 +263,7 @@ void dense_loss_forward_cuda(const DenseLossProblem& problem, void* loss, void* 
 
 void dense_loss_backward_cuda(const DenseLossProblem& problem, const void* grad_loss, int64_t grad_loss_stride,
                               const void* coef, void* grad_logits, int device, cudaStream_t stream) {
-  const char* where = "fastloss.spherical dense_loss_backward_cuda";
+  const char* where = kBackwardName;
   validate_dense_shape(problem, where);
   FL_CHECK_ARG(grad_loss_stride >= 0, where, ": grad_loss_stride must be >= 0, got ", grad_loss_stride);
   if (problem.rows == 0) return;

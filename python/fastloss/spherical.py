@@ -34,8 +34,9 @@ _TARGET_DTYPES = (torch.int64, torch.int32)
 
 
 # ---------------------------------------------------------------------------- kernels
-def _check_op_inputs(name: str, logits: torch.Tensor, target: torch.Tensor) -> None:
-    """The op-level contract (the functional API has already reshaped to it)."""
+def _check_op_inputs(name: str, logits: torch.Tensor, target: torch.Tensor, **others: torch.Tensor) -> None:
+    """The op-level contract (the functional API has already reshaped to it); ``others`` are the op's
+    remaining tensor arguments, which must share the device."""
     V.dtype_in(name, "logits", logits, V.FLOAT_DTYPES)
     V.dtype_in(name, "target", target, (torch.int64,))
     if logits.dim() != 2 or logits.shape[1] < 1 or not _has_row_layout(logits):
@@ -48,7 +49,7 @@ def _check_op_inputs(name: str, logits: torch.Tensor, target: torch.Tensor) -> N
             f"fastloss.{name}: argument 'target' must be a contiguous 1-D tensor of length N = {logits.shape[0]}, "
             f"got shape {tuple(target.shape)}"
         )
-    V.same_device(name, logits=logits, target=target)
+    V.same_device(name, logits=logits, target=target, **others)
 
 
 def _has_row_layout(logits: torch.Tensor) -> bool:
@@ -89,8 +90,7 @@ def _forward(device: str, name: str, kind: int, logits, target, ignore_index: in
 
 def _backward(device: str, grad_loss, logits, target, coef, ignore_index: int):
     name = "spherical_loss_backward"
-    _check_op_inputs(name, logits, target)
-    V.same_device(name, grad_loss=grad_loss, logits=logits, target=target, coef=coef)
+    _check_op_inputs(name, logits, target, grad_loss=grad_loss, coef=coef)
     acc = L.accumulator_dtype(logits.dtype)
     rows = logits.shape[0]
     if grad_loss.dim() != 1 or grad_loss.shape[0] != rows:
