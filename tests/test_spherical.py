@@ -43,10 +43,12 @@ def check_against_reference(name, logits, target, device, *, reduction="none", *
     dtype = logits.dtype
     assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert x.grad.dtype == dtype and x.grad.shape == logits.shape
-    assert_close(out, expected, LOSS_RTOL[dtype], f"{name} loss")
-    # With one class every loss is constant in o: the gradient is 0, computed as a difference of terms
-    # up to 1/sqrt(eps) in size, so it is checked against the rounding of those terms.
-    atol = 1e-3 if logits.shape[-1] == 1 else 0.0
+    # With one class the spherical and Taylor losses are exactly 0, computed as log(den) - log(num) of
+    # O(1) terms, and every loss is constant in o: the gradient is 0, computed as a difference of terms
+    # up to 1/sqrt(eps) in size. Both are checked against the rounding of those terms.
+    one_class = logits.shape[-1] == 1
+    assert_close(out, expected, LOSS_RTOL[dtype], f"{name} loss", atol=LOSS_RTOL[dtype] if one_class else 0.0)
+    atol = 1e-3 if one_class else 0.0
     assert_close(x.grad, x64.grad, GRAD_RTOL[dtype], f"{name} grad", atol=atol)
 
 

@@ -13,6 +13,7 @@
 #include "common/parallel.h"
 #include "common/thread_pool.h"
 #include "spherical/dense_loss.h"
+#include "spherical/factored_layer.h"
 
 #if defined(FASTLOSS_WITH_CUDA)
 #include <cuda_runtime_api.h>
@@ -123,6 +124,90 @@ void bind_spherical(py::module_& m) {
 #endif
 }
 
+// The factored output layer: one problem object per step, shared by its kernels.
+void bind_spherical_factored(py::module_& m) {
+  using namespace fl::spherical;
+  py::class_<FactoredProblem>(m, "FactoredProblem")
+      .def(py::init([](int state_dtype, int weight_dtype, int64_t samples, int64_t targets_per_sample,
+                       int64_t features, int64_t classes, uintptr_t h, uintptr_t sh, uintptr_t weight_rows,
+                       uintptr_t target, uintptr_t target_weight, int64_t ignore_index, int kind, double a, double b,
+                       double eps) {
+        FactoredProblem p;
+        p.state_dtype = fl::dtype_from_code(state_dtype, "fastloss.SphericalOutputLayer");
+        p.weight_dtype = fl::dtype_from_code(weight_dtype, "fastloss.SphericalOutputLayer");
+        p.samples = samples;
+        p.targets_per_sample = targets_per_sample;
+        p.features = features;
+        p.classes = classes;
+        p.h = as_ptr<const void>(h);
+        p.sh = as_ptr<const void>(sh);
+        p.weight_rows = as_ptr<const void>(weight_rows);
+        p.target = as_ptr<const int64_t>(target);
+        p.target_weight = as_ptr<const void>(target_weight);
+        p.ignore_index = ignore_index;
+        p.params = LossParams{static_cast<LossKind>(kind), a, b, eps};
+        p.op_name = "fastloss.SphericalOutputLayer";
+        return p;
+      }));
+  const auto no_gil = py::call_guard<py::gil_scoped_release>();
+  m.def(
+      "spherical_factored_head_cpu",
+      [](const FactoredProblem& p, uintptr_t loss, uintptr_t partials) { factored_head_cpu(p, as_ptr(loss), as_ptr(partials)); },
+      no_gil);
+  m.def(
+      "spherical_factored_prepare_cpu",
+      [](const FactoredProblem& p, uintptr_t partials, uintptr_t grad_loss, int64_t grad_stride, uintptr_t ytilde,
+         uintptr_t scaled, uintptr_t coef) {
+        factored_prepare_cpu(p, as_ptr<const void>(partials), as_ptr<const void>(grad_loss), grad_stride,
+                             as_ptr(ytilde), as_ptr(scaled), as_ptr(coef));
+      },
+      no_gil);
+  m.def(
+      "spherical_factored_gram_cpu",
+      [](const FactoredProblem& p, uintptr_t scaled, uintptr_t hg, uintptr_t mh, uintptr_t gram) {
+        factored_gram_cpu(p, as_ptr<const void>(scaled), as_ptr<const void>(hg), as_ptr<const void>(mh), as_ptr(gram));
+      },
+      no_gil);
+  m.def(
+      "spherical_factored_scatter_cpu",
+      [](const FactoredProblem& p, uintptr_t weight_rows, uintptr_t scaled, uintptr_t r, double lr) {
+        factored_scatter_cpu(p, as_ptr(weight_rows), as_ptr<const void>(scaled), as_ptr<const void>(r), lr);
+      },
+      no_gil);
+#if defined(FASTLOSS_WITH_CUDA)
+  m.def(
+      "spherical_factored_head_cuda",
+      [](const FactoredProblem& p, uintptr_t loss, uintptr_t partials, int device, uintptr_t stream) {
+        factored_head_cuda(p, as_ptr(loss), as_ptr(partials), device, as_stream(stream));
+      },
+      no_gil);
+  m.def(
+      "spherical_factored_prepare_cuda",
+      [](const FactoredProblem& p, uintptr_t partials, uintptr_t grad_loss, int64_t grad_stride, uintptr_t ytilde,
+         uintptr_t scaled, uintptr_t coef, int device, uintptr_t stream) {
+        factored_prepare_cuda(p, as_ptr<const void>(partials), as_ptr<const void>(grad_loss), grad_stride,
+                              as_ptr(ytilde), as_ptr(scaled), as_ptr(coef), device, as_stream(stream));
+      },
+      no_gil);
+  m.def(
+      "spherical_factored_gram_cuda",
+      [](const FactoredProblem& p, uintptr_t scaled, uintptr_t hg, uintptr_t mh, uintptr_t gram, int device,
+         uintptr_t stream) {
+        factored_gram_cuda(p, as_ptr<const void>(scaled), as_ptr<const void>(hg), as_ptr<const void>(mh),
+                           as_ptr(gram), device, as_stream(stream));
+      },
+      no_gil);
+  m.def(
+      "spherical_factored_scatter_cuda",
+      [](const FactoredProblem& p, uintptr_t weight_rows, uintptr_t scaled, uintptr_t r, double lr, uintptr_t order,
+         int device, uintptr_t stream) {
+        factored_scatter_cuda(p, as_ptr(weight_rows), as_ptr<const void>(scaled), as_ptr<const void>(r), lr,
+                              as_ptr<const int64_t>(order), device, as_stream(stream));
+      },
+      no_gil);
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -130,4 +215,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("build_info", &build_info, "How this copy of fastloss was built.");
   m.def("set_cpu_thread_limit", &fl::set_cpu_thread_limit, "Caps the threads of the CPU kernels.");
   bind_spherical(m);
+  bind_spherical_factored(m);
 }

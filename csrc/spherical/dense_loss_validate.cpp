@@ -30,6 +30,7 @@ void validate_loss_params(const LossParams& params, const char* where) {
                    ": eps must be a finite number > 0, got ", p.eps);
       break;
     case LossKind::TaylorSoftmax:
+    case LossKind::SquaredError:
       break;
     default:
       throw_invalid_argument(where, ": unknown loss kind ", static_cast<int>(p.kind));

@@ -16,7 +16,7 @@ namespace fl {
 namespace spherical {
 
 // Codes are part of the Python <-> C++ contract (python/fastloss/spherical.py).
-enum class LossKind : int { ZLoss = 0, SphericalSoftmax = 1, TaylorSoftmax = 2 };
+enum class LossKind : int { ZLoss = 0, SphericalSoftmax = 1, TaylorSoftmax = 2, SquaredError = 3 };
 
 struct LossParams {
   LossKind kind;
@@ -110,6 +110,18 @@ FL_HD HeadResult<Acc> taylor_softmax_head(Acc o_target, const Moments<Acc>& row)
   return out;
 }
 
+// Squared error against the one-hot target: L = ||o - e_c||^2 = q - 2 o_c + 1.
+template <class Acc>
+FL_HD HeadResult<Acc> squared_error_head(Acc o_target, const Moments<Acc>& row) {
+  HeadResult<Acc> out;
+  out.loss = row.sum_of_squares() - Acc(2) * o_target + Acc(1);
+  out.grad.g_target = Acc(-2);
+  out.grad.g_const = Acc(0);
+  out.grad.g_linear = Acc(2);
+  out.grad.center = Acc(0);
+  return out;
+}
+
 template <class Acc>
 FL_HD HeadResult<Acc> evaluate_head(const LossParams& params, Acc o_target, const Moments<Acc>& row) {
   switch (params.kind) {
@@ -119,6 +131,8 @@ FL_HD HeadResult<Acc> evaluate_head(const LossParams& params, Acc o_target, cons
       return spherical_softmax_head<Acc>(o_target, row, Acc(params.eps));
     case LossKind::TaylorSoftmax:
       return taylor_softmax_head<Acc>(o_target, row);
+    case LossKind::SquaredError:
+      return squared_error_head<Acc>(o_target, row);
   }
   return nan_head<Acc>();
 }

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from .. import spherical as F
+from .spherical_output import SphericalOutputLayer
 
-__all__ = ["ZLoss", "SphericalSoftmaxLoss", "TaylorSoftmaxLoss"]
+__all__ = ["ZLoss", "SphericalSoftmaxLoss", "TaylorSoftmaxLoss", "SphericalOutputLayer"]
 
 
 class _ClassificationLoss(torch.nn.Module):

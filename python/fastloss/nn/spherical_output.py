@@ -1,0 +1,493 @@
+"""``SphericalOutputLayer``: the exact O(d^2) factored output layer of Vincent, de Brébisson &
+Bouthillier (NeurIPS 2015, "Efficient Exact Gradient Update for training Deep Networks with Very
+Large Sparse Targets"), for the losses of the spherical family.
+
+The D x d output matrix is kept as W = V U + 1 omega^T, with U^-T, Q = W^T W and wbar = W^T 1 up to
+date. A training step (forward, ``loss.backward()``) computes the loss, dL/dh and the *exact* SGD
+update of W at a cost independent of D: O(m d^2 + m^2 d) for a batch of m samples, plus O(K m d)
+for the K target rows of V that change. The algorithm and its checks are in
+``shared/reference/spherical.md`` §1.3; the row layouts in ``csrc/spherical/factored_head.h``.
+
+State (all buffers, so ``state_dict`` and ``.to()`` carry it):
+  ``V``        (D, d), ``dtype`` (float32 or float64)
+  ``packed``   (2d+2, d), ``state_dtype``: rows [U; omega; wbar; Q] — one GEMM gives S h.
+  ``u_inv_t``  (d, d), ``state_dtype``: U^-T
+  ``steps``    number of updates applied
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _library as L
+from .. import _validate as Val
+from .. import spherical_factored as ops
+
+_LOSS_PARAMS = {  # loss -> (a, b, eps) used by the head, from the constructor's a, b, eps
+    "zloss": lambda a, b, eps: (a, b, 1e-12 if eps is None else eps),
+    "spherical_softmax": lambda a, b, eps: (1.0, 0.0, 1e-6 if eps is None else eps),
+    "taylor_softmax": lambda a, b, eps: (1.0, 0.0, 0.0),
+    "mse": lambda a, b, eps: (1.0, 0.0, 0.0),
+}
+_STABLE_RANGE = (0.5, 2.0)  # singular values of U outside this range are reset to 1
+
+
+class _Step(torch.autograd.Function):
+    """Forward: the loss of each sample. Backward: dL/dh, and (in training) the layer's SGD update."""
+
+    @staticmethod
+    def forward(ctx, h, trigger, layer, target, target_weight):
+        hs = h.detach().to(layer.state_dtype).contiguous()
+        sh = torch.mm(hs, layer.packed.t())
+        kind = ops.LOSS_KINDS[layer.loss]
+        loss, partials = ops.head(hs, sh, layer.V, target, target_weight, kind, *layer._head_params, layer.ignore_index)
+        ctx.layer = layer
+        ctx.update = layer.training
+        ctx.version = layer._version
+        ctx.h_dtype = h.dtype
+        ctx.save_for_backward(hs, sh, target, partials)
+        return loss.to(L.accumulator_dtype(h.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        layer = ctx.layer
+        hs, sh, target, partials = ctx.saved_tensors
+        if layer._version != ctx.version:
+            raise RuntimeError(
+                "fastloss.SphericalOutputLayer: backward of a forward computed before the layer's last update; "
+                "call backward after each training forward (the update needs the state the forward saw)"
+            )
+        grad_loss = grad_loss.to(hs.dtype).contiguous()
+        ytilde, scaled, coef = ops.prepare(hs, sh, layer.V, target, partials, grad_loss)
+        grad_h = torch.mm(ytilde, layer.packed)
+        if ctx.update:
+            if layer.process_group is None:
+                layer._update(hs, sh, target, ytilde, scaled, coef, grad_h)
+            else:
+                layer._update_distributed(hs, target, partials, grad_loss)
+        return grad_h.to(ctx.h_dtype), None, None, None, None
+
+
+class SphericalOutputLayer(torch.nn.Module):
+    """A D-class linear output layer (no bias) trained with a spherical-family loss by exact SGD in O(d^2).
+
+    Args:
+        in_features: d, the width of ``h``.
+        num_classes: D.
+        loss: "zloss" (de Brébisson & Vincent), "mse" (squared error against the one-hot or K-sparse
+            target), "spherical_softmax" or "taylor_softmax"; as :func:`fastloss.zloss` etc.
+        lr: the layer's own SGD step size (the network's optimizer does not see the layer).
+        weight_decay: as ``torch.optim.SGD``: W <- (1 - lr wd) W - lr dL/dW, applied as a rescaling.
+        a, b: Z-loss sharpness and offset. eps: Z-loss variance / spherical-softmax epsilon
+            (defaults 1e-12 / 1e-6, as the dense losses).
+        reduction: "mean" (over samples with a target), "sum" or "none".
+        ignore_index: a target entry equal to it is padding; a sample with no other entry is ignored.
+        stabilize_every: every this many updates, the singular values of U outside [0.5, 2] are reset
+            to 1 (W unchanged; V absorbs the change) and U^-T is recomputed from the SVD. When more
+            than d/3 are out of range, the layer unfactorizes (V <- W, U = I, omega = 0). 0 disables.
+        refresh_every: every this many updates, Q and wbar are recomputed from V (O(D d^2)). 0 disables.
+        init: "linear" (as ``torch.nn.Linear``: U(-1/sqrt(d), 1/sqrt(d))), "normal" (std 1/sqrt(d)) or "zeros".
+        dtype: dtype of V, float32 (default) or float64.
+        state_dtype: dtype of U, U^-T, Q, omega, wbar and of the step's arithmetic; float64 by default
+            (on an H100 float64 GEMMs run at the float32 rate, and U^-T drifts in float32).
+        process_group: a ``torch.distributed`` group for data parallelism: the factored update is not
+            additive, so every rank all-gathers h, targets and loss partials and applies the same
+            deterministic update (the mean of the ranks' gradients, as DDP), keeping replicas identical.
+            Every rank must call the layer with the same batch shape.
+        deterministic: scatter into V without atomics (CUDA); default: ``torch.are_deterministic_algorithms_enabled()``.
+        check_stability: before each update, raise if 2 lr lambda_max(h^T diag(dL/dq) h) >= 1 (U would
+            become singular). Costs one host sync per step; skipped under CUDA-graph capture.
+
+    ``loss = layer(h, target)`` (``h``: (..., d); ``target``: (...) or (..., K) int64, with an optional
+    ``target_weight`` of the target's shape: the target values for "mse", per-entry weights otherwise).
+    In training mode ``loss.backward()`` sets ``h.grad`` and applies the update; in eval mode it only
+    sets ``h.grad``. ``layer.weight`` materializes W; ``logits`` and ``topk`` evaluate all D outputs.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        loss: str = "zloss",
+        lr: float,
+        weight_decay: float = 0.0,
+        a: float = 1.0,
+        b: float = 0.0,
+        eps: float | None = None,
+        reduction: str = "mean",
+        ignore_index: int = -100,
+        stabilize_every: int = 100,
+        refresh_every: int = 1000,
+        init: str = "linear",
+        dtype: torch.dtype = torch.float32,
+        state_dtype: torch.dtype = torch.float64,
+        device: torch.device | str | None = None,
+        process_group=None,
+        deterministic: bool | None = None,
+        check_stability: bool = True,
+    ) -> None:
+        super().__init__()
+        fn = "SphericalOutputLayer"
+        for name, value in (("in_features", in_features), ("num_classes", num_classes)):
+            if Val.integer(fn, name, value) < 1:
+                raise ValueError(f"fastloss.{fn}: argument '{name}' must be >= 1, got {value}")
+        if loss not in _LOSS_PARAMS:
+            raise ValueError(f"fastloss.{fn}: argument 'loss' must be one of {tuple(_LOSS_PARAMS)}, got {loss!r}")
+        if init not in ("linear", "normal", "zeros"):
+            raise ValueError(f"fastloss.{fn}: argument 'init' must be 'linear', 'normal' or 'zeros', got {init!r}")
+        for name, value in (("dtype", dtype), ("state_dtype", state_dtype)):
+            if value not in ops.STATE_DTYPES:
+                raise TypeError(f"fastloss.{fn}: argument '{name}' must be torch.float32 or torch.float64, got {value}")
+        self.in_features, self.num_classes, self.loss = in_features, num_classes, loss
+        self.lr = Val.real_number(fn, "lr", lr, positive=True)
+        self.weight_decay = Val.real_number(fn, "weight_decay", weight_decay, non_negative=True)
+        if self.lr * self.weight_decay >= 1:
+            raise ValueError(f"fastloss.{fn}: lr * weight_decay must be < 1, got {self.lr * self.weight_decay}")
+        a = Val.real_number(fn, "a", a, positive=True)
+        b = Val.real_number(fn, "b", b)
+        if eps is not None:
+            eps = Val.real_number(fn, "eps", eps, positive=loss == "spherical_softmax", non_negative=True)
+        self._head_params = _LOSS_PARAMS[loss](a, b, eps)
+        self.reduction = Val.reduction(fn, reduction)
+        self.ignore_index = Val.integer(fn, "ignore_index", ignore_index)
+        self.stabilize_every = Val.integer(fn, "stabilize_every", stabilize_every)
+        self.refresh_every = Val.integer(fn, "refresh_every", refresh_every)
+        self.state_dtype = state_dtype
+        self.process_group = process_group
+        self.deterministic = deterministic
+        self.check_stability = bool(check_stability)
+        self._version = 0  # bumped by every change of the state; a backward checks it
+        self._host_steps = 0
+        self._inverse_path = "auto"  # "woodbury" or "solve" force one path of the U^-T update (tests)
+
+        d, classes = in_features, num_classes
+        V = torch.empty(classes, d, dtype=dtype, device=device)
+        if init == "linear":
+            bound = 1.0 / math.sqrt(d)
+            torch.nn.init.uniform_(V, -bound, bound)
+        elif init == "normal":
+            torch.nn.init.normal_(V, std=1.0 / math.sqrt(d))
+        else:
+            V.zero_()
+        self.register_buffer("V", V)
+        self.register_buffer("packed", torch.zeros(ops.packed_width(d), d, dtype=state_dtype, device=device))
+        self.register_buffer("u_inv_t", torch.eye(d, dtype=state_dtype, device=device))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64, device=device))
+        self._reset_factorization(refresh=True)
+
+    # ------------------------------------------------------------------ views of the packed state
+    @property
+    def U(self) -> torch.Tensor:
+        return self.packed[: self.in_features]
+
+    @property
+    def omega(self) -> torch.Tensor:
+        return self.packed[self.in_features]
+
+    @property
+    def wbar(self) -> torch.Tensor:
+        return self.packed[self.in_features + 1]
+
+    @property
+    def Q(self) -> torch.Tensor:
+        return self.packed[self.in_features + 2 :]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """W = V U + 1 omega^T (D x d, state dtype), materialized: O(D d^2)."""
+        with torch.no_grad():
+            return torch.addmm(self.omega.unsqueeze(0), self.V.to(self.state_dtype), self.U)
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear, **kwargs) -> "SphericalOutputLayer":
+        """A layer whose W is ``linear.weight`` (out_features = D classes); ``linear`` must have no bias."""
+        if not isinstance(linear, torch.nn.Linear):
+            raise TypeError(f"fastloss.SphericalOutputLayer.from_linear: expected a torch.nn.Linear, got {type(linear).__name__}")
+        if linear.bias is not None:
+            raise ValueError("fastloss.SphericalOutputLayer.from_linear: the layer has no bias; pass a Linear with bias=False")
+        kwargs.setdefault("device", linear.weight.device)
+        kwargs.setdefault("dtype", linear.weight.dtype if linear.weight.dtype in ops.STATE_DTYPES else torch.float32)
+        layer = cls(linear.in_features, linear.out_features, init="zeros", **kwargs)
+        with torch.no_grad():
+            layer.V.copy_(linear.weight)
+        layer._reset_factorization(refresh=True)
+        return layer
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, num_classes={self.num_classes}, loss={self.loss!r}, lr={self.lr}, "
+            f"weight_decay={self.weight_decay}, reduction={self.reduction!r}, dtype={self.V.dtype}, "
+            f"state_dtype={self.state_dtype}"
+        )
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._version += 1
+        self._host_steps = int(self.steps)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, h: torch.Tensor, target: torch.Tensor, target_weight: torch.Tensor | None = None) -> torch.Tensor:
+        h2, target2, weight2, shape = self._check_inputs(h, target, target_weight)
+        trigger = torch.empty(0, device=h.device, requires_grad=True) if torch.is_grad_enabled() else None
+        loss = _Step.apply(h2, trigger, self, target2, weight2)
+        if self.reduction == "none":
+            return loss.reshape(shape)
+        if self.reduction == "sum":
+            return loss.sum()
+        return loss.sum() / (target2 != self.ignore_index).any(dim=1).sum()
+
+    def _check_inputs(self, h, target, target_weight):
+        fn = "SphericalOutputLayer"
+        h = Val.tensor(fn, "h", h)
+        target = Val.tensor(fn, "target", target)
+        Val.dtype_in(fn, "h", h, Val.FLOAT_DTYPES)
+        Val.dtype_in(fn, "target", target, (torch.int64,))
+        if h.dim() < 1 or h.shape[-1] != self.in_features:
+            raise ValueError(f"fastloss.{fn}: argument 'h' must have shape (..., {self.in_features}), got {tuple(h.shape)}")
+        lead = h.shape[:-1]
+        if target.shape == lead:
+            target2 = target.reshape(-1, 1)
+        elif target.dim() == h.dim() and target.shape[:-1] == lead and target.shape[-1] >= 1:
+            target2 = target.reshape(-1, target.shape[-1])
+        else:
+            raise ValueError(
+                f"fastloss.{fn}: argument 'target' must have shape {tuple(lead)} or {tuple(lead)} + (K,), got {tuple(target.shape)}"
+            )
+        Val.same_device(fn, h=h, target=target, V=self.V)
+        L.require_cuda_kernels(fn, h)
+        weight2 = None
+        if target_weight is not None:
+            target_weight = Val.tensor(fn, "target_weight", target_weight)
+            Val.dtype_in(fn, "target_weight", target_weight, Val.FLOAT_DTYPES)
+            if target_weight.shape != target.shape:
+                raise ValueError(
+                    f"fastloss.{fn}: argument 'target_weight' must have the target's shape {tuple(target.shape)}, "
+                    f"got {tuple(target_weight.shape)}"
+                )
+            Val.same_device(fn, h=h, target_weight=target_weight)
+            weight2 = target_weight.reshape(target2.shape).to(self.state_dtype).contiguous()
+        target2 = target2.contiguous()
+        if target2.numel() and (not target2.is_cuda or L.may_inspect_values(target2)):
+            bad = ((target2 < 0) | (target2 >= self.num_classes)) & (target2 != self.ignore_index)
+            if bool(bad.any()):
+                index = int(bad.reshape(-1).nonzero()[0, 0])
+                raise ValueError(
+                    f"fastloss.{fn}: argument 'target' has out-of-range class index {int(target2.reshape(-1)[index])} "
+                    f"at flat position {index}; expected 0 <= target < {self.num_classes} or target == ignore_index "
+                    f"({self.ignore_index})"
+                )
+        return h.reshape(-1, self.in_features), target2, weight2, lead
+
+    # ------------------------------------------------------------------ the update
+    @torch.no_grad()
+    def _update(self, hs, sh, target, ytilde, scaled, coef, grad_h, grad_scale: float = 1.0) -> None:
+        """W <- (1 - lr wd) W - lr grad_scale G h^T in factored form (reference note §1.3, rows form)."""
+        d = self.in_features
+        m = hs.shape[0]
+        if m == 0:
+            return
+        decay = 1.0 - self.lr * self.weight_decay
+        # The step before the decay rescaling: decay * (W - eta G h^T) = decay W - lr grad_scale G h^T.
+        eta = self.lr * grad_scale / decay
+        two_gq_h = ytilde[:, d + 2 :]
+        gq = scaled[:, -1]
+        self._guard_stability(hs, gq, eta)
+        # U^-T <- U^-T (I - 2 eta P)^-1, P = h^T diag(gq) h; Woodbury in m x m when m <= d, else a d x d solve.
+        path = self._inverse_path
+        if path == "woodbury" or (path == "auto" and m <= d):
+            c = 2.0 * eta * gq
+            t = torch.mm(hs, self.u_inv_t.t())  # rows: U^-T h_j
+            n = torch.eye(m, dtype=hs.dtype, device=hs.device) - torch.mm(hs, hs.t()) * c.unsqueeze(0)
+            if m == 1:  # Sherman-Morrison
+                z = hs / n
+            else:
+                z, _ = torch.linalg.solve_ex(n, hs)
+            new_u_inv_t = torch.addmm(self.u_inv_t, t.t(), z * c.unsqueeze(1))
+        else:
+            a = torch.eye(d, dtype=hs.dtype, device=hs.device) - eta * torch.mm(hs.t(), two_gq_h)
+            new_u_inv_t, _ = torch.linalg.solve_ex(a, self.u_inv_t.t())
+            new_u_inv_t = new_u_inv_t.t()
+        # Q <- Q - eta (gradH^T h + h^T gradH) + eta^2 h^T M h, with M = G^T G from the kernel.
+        hg = torch.mm(hs, grad_h.t())
+        mh = torch.mm(hs, sh[:, d + 2 :].t())
+        gram = ops.gram(hs, sh, self.V, target, scaled, hg, mh)
+        quad = torch.mm(gram, hs).mul_(eta * eta).sub_(grad_h, alpha=eta)  # eta^2 M h - eta gradH
+        Q = self.Q
+        Q.addmm_(hs.t(), quad).addmm_(grad_h.t(), hs, alpha=-eta)
+        # U <- U (I - 2 eta P) = U - eta (U h)^T-rows x (2 gq h);  omega, wbar <- - eta coef^T h.
+        self.U.addmm_(sh[:, :d].t(), two_gq_h, alpha=-eta)
+        self.packed[d : d + 2].addmm_(coef.t(), hs, alpha=-eta)
+        self.u_inv_t.copy_(new_u_inv_t)
+        # V[C] -= eta ydot (U_new^-T h)^T
+        r = torch.mm(hs, self.u_inv_t.t())
+        ops.scatter_(self.V, hs, sh, target, scaled, r, eta, self._scatter_order(target))
+        if decay != 1.0:
+            self.packed[: d + 2].mul_(decay)
+            Q.mul_(decay * decay)
+            self.u_inv_t.div_(decay)
+        self._after_update()
+
+    def _scatter_order(self, target: torch.Tensor) -> torch.Tensor | None:
+        if not target.is_cuda:
+            return None
+        deterministic = torch.are_deterministic_algorithms_enabled() if self.deterministic is None else self.deterministic
+        return torch.sort(target.reshape(-1), stable=True).indices if deterministic else None
+
+    def _guard_stability(self, hs: torch.Tensor, gq: torch.Tensor, eta: float) -> None:
+        """Raise if 2 eta lambda_max(h^T diag(gq) h) >= 1, before any state changes."""
+        if not self.check_stability or (hs.is_cuda and not L.may_inspect_values(hs)):
+            return
+        root = hs * gq.clamp(min=0).sqrt().unsqueeze(1)  # lambda_max(P) <= lambda_max of the gq > 0 part
+        small = torch.mm(root, root.t()) if root.shape[0] <= root.shape[1] else torch.mm(root.t(), root)
+        small.mul_(2.0 * eta)
+        bound = float(torch.linalg.matrix_norm(small))  # Frobenius >= lambda_max: cheap when far from 1
+        if bound < 1.0:
+            return
+        lam = float(torch.linalg.eigvalsh(small)[-1])
+        if lam >= 1.0:
+            raise RuntimeError(
+                f"fastloss.SphericalOutputLayer: this step would make U singular: 2 * lr * lambda_max(h^T diag(dL/dq) h) "
+                f"= {lam:.4g} >= 1. Lower lr (now {self.lr}) or the scale of h; the layer's state is unchanged"
+            )
+
+    def _after_update(self) -> None:
+        self._version += 1
+        self.steps += 1
+        self._host_steps += 1  # the schedule reads this copy: reading `steps` would sync with the GPU
+        if self.V.is_cuda and not L.may_inspect_values(self.V):
+            return  # under CUDA-graph capture: call stabilize() / refresh() outside the graph
+        count = self._host_steps
+        if self.stabilize_every and count % self.stabilize_every == 0:
+            self.stabilize()
+        if self.refresh_every and count % self.refresh_every == 0:
+            self.refresh()
+
+    @torch.no_grad()
+    def _update_distributed(self, hs, target, partials, grad_loss) -> None:
+        import torch.distributed as dist
+
+        group = self.process_group
+        world = dist.get_world_size(group)
+        d, k = self.in_features, target.shape[1]
+        floats = torch.cat([hs, partials, grad_loss.unsqueeze(1)], dim=1)
+        gathered = [torch.empty_like(floats) for _ in range(world)]
+        targets = [torch.empty_like(target) for _ in range(world)]
+        dist.all_gather(gathered, floats.contiguous(), group=group)
+        dist.all_gather(targets, target, group=group)
+        floats = torch.cat(gathered)
+        all_target = torch.cat(targets)
+        all_h = floats[:, :d].contiguous()
+        all_partials = floats[:, d : d + k + 2].contiguous()
+        all_grad = floats[:, d + k + 2].contiguous()
+        sh = torch.mm(all_h, self.packed.t())
+        ytilde, scaled, coef = ops.prepare(all_h, sh, self.V, all_target, all_partials, all_grad)
+        grad_h = torch.mm(ytilde, self.packed)
+        # The mean of the ranks' gradients: a step of lr / world on the gathered batch.
+        self._update(all_h, sh, all_target, ytilde, scaled, coef, grad_h, grad_scale=1.0 / world)
+
+    # ------------------------------------------------------------------ stability control
+    @torch.no_grad()
+    def stabilize(self) -> dict:
+        """Resets the singular values of U outside [0.5, 2] to 1 without changing W, and recomputes U^-T
+        from the SVD; unfactorizes when more than d/3 are out of range. Returns what it did."""
+        d = self.in_features
+        left, sigma, right_t = torch.linalg.svd(self.U)
+        out_of_range = (sigma < _STABLE_RANGE[0]) | (sigma > _STABLE_RANGE[1])
+        count = int(out_of_range.sum())
+        if count > d // 3:
+            self.unfactorize()
+            return {"reset": 0, "unfactorized": True}
+        new_sigma = torch.where(out_of_range, torch.ones_like(sigma), sigma)
+        if count:
+            # U = A diag(sigma) B^T -> A diag(new) B^T; V absorbs A diag(sigma / new) A^T so that V U is unchanged.
+            cols = left[:, out_of_range]
+            factor = (sigma[out_of_range] / new_sigma[out_of_range] - 1.0).unsqueeze(0)
+            correction = torch.mm(cols * factor, cols.t())
+            self._add_to_v(correction)
+            self.U.copy_(torch.mm(left * new_sigma.unsqueeze(0), right_t))
+        self.u_inv_t.copy_(torch.mm(left / new_sigma.unsqueeze(0), right_t))
+        self._version += 1
+        return {"reset": count, "unfactorized": False}
+
+    def _add_to_v(self, correction: torch.Tensor, chunk: int = 1 << 16) -> None:
+        """V <- V (I + correction), chunked over rows so a float32 V is updated through the state dtype."""
+        for start in range(0, self.num_classes, chunk):
+            rows = self.V[start : start + chunk]
+            rows.copy_(torch.addmm(rows.to(self.state_dtype), rows.to(self.state_dtype), correction))
+
+    @torch.no_grad()
+    def unfactorize(self) -> None:
+        """V <- V U + 1 omega^T, U = U^-T = I, omega = 0 (W unchanged; O(D d^2)), then refresh Q and wbar."""
+        self._add_to_v(self.U - torch.eye(self.in_features, dtype=self.state_dtype, device=self.V.device))
+        self.V.add_(self.omega.to(self.V.dtype).unsqueeze(0))
+        self._reset_factorization(refresh=True)
+
+    def _reset_factorization(self, refresh: bool) -> None:
+        with torch.no_grad():
+            eye = torch.eye(self.in_features, dtype=self.state_dtype, device=self.V.device)
+            self.U.copy_(eye)
+            self.u_inv_t.copy_(eye)
+            self.omega.zero_()
+        if refresh:
+            self.refresh()
+
+    @torch.no_grad()
+    def refresh(self, chunk: int = 1 << 16) -> None:
+        """Recomputes Q = W^T W and wbar = W^T 1 from V, U and omega (O(D d^2), in the state dtype)."""
+        d = self.in_features
+        gram = torch.zeros(d, d, dtype=self.state_dtype, device=self.V.device)
+        col_sum = torch.zeros(d, dtype=self.state_dtype, device=self.V.device)
+        for start in range(0, self.num_classes, chunk):
+            rows = self.V[start : start + chunk].to(self.state_dtype)
+            gram.addmm_(rows.t(), rows)
+            col_sum += rows.sum(0)
+        U, omega = self.U, self.omega
+        ut_sum = torch.mv(U.t(), col_sum)  # U^T V^T 1
+        q = torch.linalg.multi_dot([U.t(), gram, U])
+        q += torch.outer(ut_sum, omega) + torch.outer(omega, ut_sum) + self.num_classes * torch.outer(omega, omega)
+        self.Q.copy_(q)
+        self.wbar.copy_(ut_sum + self.num_classes * omega)
+        self._version += 1
+
+    # ------------------------------------------------------------------ evaluation and checks
+    @torch.no_grad()
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """All D outputs W h for h (..., d), in the state dtype: O(D d) per sample."""
+        flat = h.reshape(-1, self.in_features).to(self.state_dtype)
+        projected = torch.mm(flat, self.U.t())
+        out = torch.mm(projected.to(self.V.dtype), self.V.t()).to(self.state_dtype)
+        out += torch.mv(flat, self.omega).unsqueeze(1)
+        return out.reshape(*h.shape[:-1], self.num_classes)
+
+    @torch.no_grad()
+    def topk(self, h: torch.Tensor, k: int, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k largest outputs and their classes, computed over chunks of samples."""
+        flat = h.reshape(-1, self.in_features)
+        values, indices = [], []
+        for start in range(0, flat.shape[0], chunk):
+            top = self.logits(flat[start : start + chunk]).topk(k, dim=-1)
+            values.append(top.values)
+            indices.append(top.indices)
+        shape = (*h.shape[:-1], k)
+        if not values:
+            return flat.new_empty(shape, dtype=self.state_dtype), torch.empty(shape, dtype=torch.int64, device=h.device)
+        return torch.cat(values).reshape(shape), torch.cat(indices).reshape(shape)
+
+    @torch.no_grad()
+    def check(self) -> dict:
+        """Relative drift of the invariants: Q vs W^T W, wbar vs W^T 1, U (U^-T)^T vs I. O(D d^2)."""
+        w = self.weight
+        gram = torch.mm(w.t(), w)
+        eye = torch.eye(self.in_features, dtype=self.state_dtype, device=w.device)
+
+        def rel(a, b):
+            return float((a - b).norm() / b.norm().clamp(min=torch.finfo(b.dtype).tiny))
+
+        return {
+            "q": rel(self.Q, gram),
+            "wbar": rel(self.wbar, w.sum(0)),
+            "inverse": float((torch.mm(self.U, self.u_inv_t.t()) - eye).norm() / math.sqrt(self.in_features)),
+        }
