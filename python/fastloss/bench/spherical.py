@@ -67,3 +67,6 @@ def _case(name: str, dtypes_cpu, dtypes_cuda, quick_dtypes):
 _case("zloss", (torch.float32, torch.bfloat16), (torch.float32, torch.bfloat16), (torch.float32,))
 _case("spherical_softmax_loss", (torch.float32,), (torch.float32, torch.bfloat16), ())
 _case("taylor_softmax_loss", (torch.float32,), (torch.float32, torch.bfloat16), ())
+
+
+from . import spherical_output  # noqa: E402,F401  (registers the output-layer step benchmark)

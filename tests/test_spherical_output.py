@@ -1,0 +1,385 @@
+"""SphericalOutputLayer: the exact factored SGD update against dense SGD in float64, its invariants,
+the stability control, bad inputs, the ops, CUDA and data parallelism."""
+
+import copy
+import os
+import zlib
+
+import pytest
+import torch
+
+import fastloss
+from fastloss import spherical_factored as ops
+from fastloss.reference.spherical_output import DenseSGD, sample_losses
+from conftest import DEVICES, assert_close, requires_cuda
+
+LOSSES = ["zloss", "mse", "spherical_softmax", "taylor_softmax"]
+LOSS_KWARGS = {"zloss": {"a": 1.5, "b": 0.5}, "mse": {}, "spherical_softmax": {}, "taylor_softmax": {}}
+
+
+def make_layer(d, D, loss, device="cpu", dtype=torch.float64, state_dtype=torch.float64, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    kwargs = {"lr": 0.05, **LOSS_KWARGS[loss], **kwargs}
+    return fastloss.nn.SphericalOutputLayer(d, D, loss=loss, dtype=dtype, state_dtype=state_dtype, device=device, **kwargs)
+
+
+def make_batch(generator, m, d, D, K=None, repeat=False, ignore=False, weights=False, scale=1.0):
+    h = torch.randn(m, d, generator=generator, dtype=torch.float64) * scale
+    shape = (m,) if K is None else (m, K)
+    target = torch.randint(0, D, shape, generator=generator)
+    if repeat:  # the same class in several samples (and within a sample when K > 1)
+        target.view(-1)[::3] = target.view(-1)[0]
+    if ignore:
+        target.view(-1)[1::4] = -100
+    w = torch.rand(shape, generator=generator, dtype=torch.float64) + 0.5 if weights else None
+    return h, target, w
+
+
+def dense_twin(layer, loss, reduction="mean", weight_decay=0.0):
+    return DenseSGD(layer.weight, lr=layer.lr, weight_decay=weight_decay, reduction=reduction, loss=loss,
+                    ignore_index=layer.ignore_index, **LOSS_KWARGS[loss])  # fmt: skip
+
+
+def run_against_dense(layer, dense, steps, m, K=None, device="cpu", seed=1, check_every_step=True, tol=1e-10, **batch):
+    generator = torch.Generator().manual_seed(seed)
+    d, D = layer.in_features, layer.num_classes
+    for step in range(steps):
+        h, target, w = make_batch(generator, m, d, D, K, **batch)
+        grad_weights = torch.rand(m, generator=generator, dtype=torch.float64) + 0.5
+        x = h.to(device).requires_grad_()
+        out = layer(x, target.to(device), None if w is None else w.to(device))
+        (out * grad_weights.to(device, out.dtype)).sum().backward() if out.dim() else out.backward()
+        t2 = target if K is not None else target.unsqueeze(1)
+        expected, expected_grad = dense.step(h, t2, None if w is None else w.reshape(t2.shape), grad_weights)
+        assert_close(out, expected, tol, f"loss at step {step}", atol=tol)
+        assert_close(x.grad, expected_grad, tol, f"h.grad at step {step}", atol=tol)
+        if check_every_step:
+            drift = layer.check()
+            assert max(drift.values()) < tol * 10, f"invariants drift at step {step}: {drift}"
+    assert_close(layer.weight, dense.weight, tol, "W after the last step")
+
+
+# ---------------------------------------------------------------------------- dense equivalence
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize(
+    "m,K,extra",
+    [(5, None, {}), (1, None, {}), (23, None, {}), (6, 3, {"repeat": True, "ignore": True}), (7, 2, {"weights": True, "repeat": True})],
+    ids=["woodbury", "sherman-morrison", "m>d", "K3-repeat-ignore", "K2-weights"],
+)
+def test_matches_dense_sgd_float64(loss, m, K, extra, device):
+    d, D = 9, 37
+    layer = make_layer(d, D, loss, device, lr=0.05 if loss != "mse" else 0.01)
+    dense = dense_twin(layer, loss)
+    seed = zlib.crc32(repr((loss, m, K)).encode())
+    run_against_dense(layer, dense, steps=12, m=m, K=K, device=device, seed=seed, **extra)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_reductions_and_weight_decay_match_dense_sgd(reduction, device):
+    layer = make_layer(8, 29, "zloss", device, reduction=reduction, weight_decay=0.3, lr=0.1)
+    dense = dense_twin(layer, "zloss", reduction=reduction, weight_decay=0.3)
+    run_against_dense(layer, dense, steps=10, m=4, device=device, ignore=True)
+
+
+def test_float32_stays_within_1e4_of_dense_for_100_steps(device):
+    layer = make_layer(16, 211, "zloss", device, dtype=torch.float32, state_dtype=torch.float32, lr=0.5)
+    dense = dense_twin(layer, "zloss")
+    run_against_dense(layer, dense, steps=100, m=8, device=device, check_every_step=False, tol=1e-4)
+
+
+def test_inverse_update_paths_agree():
+    """Woodbury (m x m), Sherman-Morrison (m = 1) and the d x d solve give the same state."""
+    generator = torch.Generator().manual_seed(3)
+    for m in (1, 4, 15):
+        h, target, _ = make_batch(generator, m, 8, 40)
+        states = []
+        for path in ("woodbury", "solve"):
+            layer = make_layer(8, 40, "mse", lr=0.01)
+            layer._inverse_path = path
+            layer(h, target).backward()
+            states.append({k: v.clone() for k, v in layer.state_dict().items()})
+        for key in states[0]:
+            assert_close(states[0][key], states[1][key], 1e-12, f"{key} (m={m})", atol=1e-15)
+
+
+# ---------------------------------------------------------------------------- reparametrisations
+def scramble_factorization(layer, spread=8.0):
+    """U <- A U, V <- V A^-1 with A of singular values in [1/spread, spread]: W is unchanged."""
+    d = layer.in_features
+    q1, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))
+    q2, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))
+    sigma = torch.logspace(-1, 1, d, base=spread, dtype=torch.float64)
+    a = q1 @ torch.diag(sigma) @ q2.T
+    with torch.no_grad():
+        layer.U.copy_(a @ layer.U)
+        layer.V.copy_((layer.V.double() @ torch.linalg.inv(a)).to(layer.V.dtype))
+        layer.u_inv_t.copy_(torch.linalg.inv(layer.U).T)
+
+
+@pytest.mark.parametrize("spread,unfactorized", [(2.5, False), (8.0, True)])
+def test_stabilize_and_unfactorize_leave_w_unchanged(spread, unfactorized):
+    layer = make_layer(12, 50, "zloss")
+    h, target, _ = make_batch(torch.Generator().manual_seed(5), 6, 12, 50)
+    layer(h, target).backward()
+    torch.manual_seed(1)
+    scramble_factorization(layer, spread)
+    before = layer.weight.clone()
+    q, wbar = layer.Q.clone(), layer.wbar.clone()
+    report = layer.stabilize()
+    assert report["unfactorized"] == unfactorized
+    assert unfactorized or report["reset"] > 0
+    assert_close(layer.weight, before, 1e-12, "W")
+    assert_close(layer.Q, q, 1e-12, "Q")
+    assert_close(layer.wbar, wbar, 1e-12, "wbar")
+    sigma = torch.linalg.svdvals(layer.U)
+    assert sigma.min() >= 0.5 - 1e-12 and sigma.max() <= 2 + 1e-12
+    assert max(layer.check().values()) < 1e-12
+
+
+def test_weight_decay_is_the_dense_rescaling():
+    layer = make_layer(6, 20, "taylor_softmax", weight_decay=0.5, lr=0.2)
+    before = layer.weight.clone()
+    h = torch.zeros(2, 6, dtype=torch.float64)  # zero input: the loss gradient on W is zero
+    layer(h, torch.tensor([1, 2])).backward()
+    assert_close(layer.weight, before * (1 - 0.2 * 0.5), 1e-14, "W")
+    assert max(layer.check().values()) < 1e-13
+
+
+def test_stress_mse_large_lr_stays_finite_with_stabilization():
+    """Plain SGD on MSE shrinks U every step; with the control on, a long float32 run stays finite and close."""
+    layer = make_layer(16, 300, "mse", dtype=torch.float32, state_dtype=torch.float32, lr=0.02, stabilize_every=10,
+                       refresh_every=50)  # fmt: skip
+    dense = dense_twin(layer, "mse")
+    run_against_dense(layer, dense, steps=300, m=8, check_every_step=False, tol=2e-3)
+    assert torch.isfinite(layer.V).all() and torch.isfinite(layer.packed).all()
+
+
+def test_guard_raises_before_u_turns_singular_and_keeps_state():
+    layer = make_layer(4, 10, "mse", lr=0.5)
+    h = torch.full((1, 4), 1.0, dtype=torch.float64)  # 2 lr ||h||^2 = 4 >= 1
+    before = copy.deepcopy(layer.state_dict())
+    loss = layer(h, torch.tensor([3]))
+    with pytest.raises(RuntimeError, match=r"would make U singular: 2 \* lr \* lambda_max.* = 4 >= 1"):
+        loss.backward()
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+# ---------------------------------------------------------------------------- API
+def test_from_linear_state_dict_logits_topk_and_eval_mode():
+    linear = torch.nn.Linear(7, 30, bias=False, dtype=torch.float64)
+    layer = fastloss.nn.SphericalOutputLayer.from_linear(linear, loss="spherical_softmax", lr=0.1)
+    assert layer.V.dtype == torch.float64
+    assert_close(layer.weight, linear.weight, 1e-15, "W")
+    h, target, _ = make_batch(torch.Generator().manual_seed(2), 5, 7, 30)
+    layer(h, target).backward()
+    clone = fastloss.nn.SphericalOutputLayer(7, 30, loss="spherical_softmax", lr=0.1, dtype=torch.float64)
+    clone.load_state_dict(layer.state_dict())
+    assert int(clone.steps) == 1
+    for a, b in zip(layer.state_dict().values(), clone.state_dict().values()):
+        assert torch.equal(a, b)
+    expected = h @ layer.weight.T
+    assert_close(layer.logits(h), expected, 1e-13, "logits")
+    values, indices = layer.topk(h, 4, chunk=2)
+    top = expected.topk(4, dim=-1)
+    assert torch.equal(indices, top.indices)
+    assert_close(values, top.values, 1e-13, "topk values")
+    layer.eval()
+    before = layer.weight.clone()
+    x = h.clone().requires_grad_()
+    layer(x, target).backward()
+    assert x.grad is not None and torch.equal(layer.weight, before)
+    with pytest.raises(ValueError, match="from_linear: the layer has no bias"):
+        fastloss.nn.SphericalOutputLayer.from_linear(torch.nn.Linear(3, 4), lr=0.1)
+    assert "num_classes=30" in repr(layer) and "SphericalOutputLayer" in dir(fastloss.nn)
+
+
+def test_backward_after_an_update_is_refused():
+    layer = make_layer(5, 12, "zloss")
+    h, target, _ = make_batch(torch.Generator().manual_seed(4), 3, 5, 12)
+    first, second = layer(h, target), layer(h, target)
+    first.backward()
+    with pytest.raises(RuntimeError, match="backward of a forward computed before the layer's last update"):
+        second.backward()
+
+
+def test_loss_of_all_ignored_batch_is_nan_and_changes_nothing():
+    layer = make_layer(5, 12, "zloss")
+    before = layer.weight.clone()
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    out = layer(x, torch.full((3,), -100))
+    assert torch.isnan(out)
+    layer.reduction = "sum"
+    out = layer(x, torch.full((3,), -100))
+    out.backward()
+    assert float(out.detach()) == 0.0 and torch.equal(x.grad, torch.zeros_like(x)) and torch.equal(layer.weight, before)
+
+
+BAD_INPUTS = [
+    (lambda h, t: (h, torch.tensor([0, 1, 12])), ValueError, "argument 'target' has out-of-range class index 12 at flat position 2"),
+    (lambda h, t: (h, torch.tensor([0, -5, 1])), ValueError, "out-of-range class index -5"),
+    (lambda h, t: (h, t.int()), TypeError, "argument 'target' must have dtype in (int64)"),
+    (lambda h, t: (h.long(), t), TypeError, "argument 'h' must have dtype in"),
+    (lambda h, t: (h[:, :4], t), ValueError, "argument 'h' must have shape (..., 5)"),
+    (lambda h, t: (h, t[:2]), ValueError, "argument 'target' must have shape (3,) or (3,) + (K,)"),
+    (lambda h, t: (h.tolist(), t), TypeError, "argument 'h' must be a torch.Tensor"),
+    (lambda h, t: (h, t.to("meta")), ValueError, "all tensors must be on one device"),
+]
+
+
+@pytest.mark.parametrize("make,error,message", BAD_INPUTS, ids=[m for _, _, m in BAD_INPUTS])
+def test_bad_input_is_rejected_and_state_is_bit_identical(make, error, message):
+    layer = make_layer(5, 12, "zloss")
+    before = copy.deepcopy(layer.state_dict())
+    h = torch.randn(3, 5, dtype=torch.float64)
+    with pytest.raises(error) as info:
+        layer(*make(h, torch.tensor([0, 1, 2])))
+    assert "fastloss.SphericalOutputLayer" in str(info.value) and message in str(info.value)
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,message",
+    [
+        ({"loss": "ce"}, ValueError, "argument 'loss' must be one of"),
+        ({"lr": 0.0}, ValueError, "argument 'lr' must be > 0"),
+        ({"dtype": torch.bfloat16}, TypeError, "argument 'dtype' must be torch.float32 or torch.float64"),
+        ({"weight_decay": 20.0}, ValueError, "lr * weight_decay must be < 1"),
+        ({"init": "xavier"}, ValueError, "argument 'init'"),
+    ],
+)
+def test_bad_constructor_arguments(kwargs, error, message):
+    with pytest.raises(error, match=r"fastloss\.SphericalOutputLayer: .*" + message.replace("*", r"\*").replace("(", r"\(")):
+        fastloss.nn.SphericalOutputLayer(5, 12, **{"lr": 0.1, **kwargs})
+
+
+def test_ops_pass_opcheck():
+    generator = torch.Generator().manual_seed(8)
+    d, m, K, D = 6, 5, 2, 17
+    h = torch.randn(m, d, generator=generator, dtype=torch.float64)
+    packed = torch.randn(ops.packed_width(d), d, generator=generator, dtype=torch.float64)
+    sh = h @ packed.T
+    V = torch.randn(D, d, generator=generator)
+    target = torch.randint(0, D, (m, K), generator=generator)
+    args = (h, sh, V, target, None, 0, 1.0, 0.0, 1e-12, -100)
+    torch.library.opcheck(torch.ops.fastloss.spherical_factored_head.default, args)
+    _, partials = ops.head(*args)
+    grad = torch.rand(m, generator=generator, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.fastloss.spherical_factored_prepare.default, (h, sh, V, target, partials, grad))
+    _, scaled, _ = ops.prepare(h, sh, V, target, partials, grad)
+    square = torch.randn(m, m, generator=generator, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.fastloss.spherical_factored_gram.default, (h, sh, V, target, scaled, square, square))
+    torch.library.opcheck(torch.ops.fastloss.spherical_factored_scatter_.default, (V.clone(), h, sh, target, scaled, h, 0.1, None))
+
+
+def test_head_matches_dense_losses_for_every_kind():
+    """The op alone: the target outputs and losses from the packed rows equal the dense computation."""
+    generator = torch.Generator().manual_seed(9)
+    d, m, K, D = 7, 6, 3, 23
+    for loss, kind in ops.LOSS_KINDS.items():
+        layer = make_layer(d, D, loss)
+        scramble_factorization(layer, 2.0)
+        layer.packed[d].normal_(generator=generator)  # a nonzero omega
+        layer.refresh()
+        h = torch.randn(m, d, generator=generator, dtype=torch.float64)
+        target = torch.randint(0, D, (m, K), generator=generator)
+        target[0, 1] = -100
+        weight = torch.rand(m, K, generator=generator, dtype=torch.float64)
+        params = fastloss.nn.spherical_output._LOSS_PARAMS[loss](*({"a": 1.5, "b": 0.5} if loss == "zloss" else {"a": 1.0, "b": 0.0}).values(), None)
+        out, _ = ops.head(h, h @ layer.packed.T, layer.V, target, weight, kind, *params, -100)
+        kwargs = {"a": params[0], "b": params[1], "eps": params[2]} if loss == "zloss" else {}
+        expected = sample_losses(h @ layer.weight.T, target, weight, loss=loss, **kwargs)
+        assert_close(out, expected, 1e-11, loss)
+
+
+# ---------------------------------------------------------------------------- CUDA
+@requires_cuda
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("dtype,state_dtype", [(torch.float32, torch.float64), (torch.float64, torch.float64), (torch.float32, torch.float32)])
+def test_cuda_matches_cpu(deterministic, dtype, state_dtype):
+    layers = [make_layer(33, 301, "zloss", dev, dtype, state_dtype, lr=0.5, deterministic=deterministic) for dev in ("cpu", "cuda")]
+    generator = torch.Generator().manual_seed(6)
+    tol = 1e-10 if dtype == state_dtype == torch.float64 else 1e-4
+    for step in range(10):
+        h, target, w = make_batch(generator, 40, 33, 301, 2, repeat=True, ignore=True, weights=True)
+        grads = []
+        for layer in layers:
+            dev = layer.V.device
+            x = h.to(dev, torch.float32).requires_grad_()
+            layer(x, target.to(dev), w.to(dev)).backward()
+            grads.append(x.grad.cpu())
+        assert_close(grads[1], grads[0], tol, f"h.grad at step {step}")
+    assert_close(layers[1].weight, layers[0].weight, tol, "W")
+
+
+@requires_cuda
+def test_cuda_step_is_capturable_in_a_cuda_graph():
+    layer = make_layer(64, 1000, "zloss", "cuda", lr=0.1, check_stability=False)
+    twin = copy.deepcopy(layer)
+    h = torch.randn(32, 64, device="cuda", requires_grad=True)
+    target = torch.randint(0, 1000, (32,), device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside the graph (allocations, cuBLAS handles)
+        for _ in range(2):
+            h.grad = None
+            layer(h, target).backward()
+            twin(h, target).backward()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    h.grad = None
+    with torch.cuda.graph(graph):
+        layer(h, target).backward()
+    layer._version += 1  # the captured step also counts as the eager twin's next one
+    for _ in range(3):
+        graph.replay()
+        twin(h, target).backward()
+    torch.cuda.synchronize()
+    assert_close(layer.weight, twin.weight, 1e-12, "W after graph replays")
+
+
+# ---------------------------------------------------------------------------- data parallel
+def _ddp_worker(rank, world, port, result_path):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    layer = make_layer(6, 25, "zloss", process_group=dist.group.WORLD, weight_decay=0.1)
+    generator = torch.Generator().manual_seed(11)
+    for _ in range(5):
+        h, target, _ = make_batch(generator, 4 * world, 6, 25, repeat=True)
+        mine = slice(4 * rank, 4 * (rank + 1))
+        layer(h[mine], target[mine]).backward()
+    torch.save({k: v for k, v in layer.state_dict().items()}, f"{result_path}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_data_parallel_replicas_stay_identical_and_match_the_mean_gradient(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    world = 2
+    mp.spawn(_ddp_worker, args=(world, port, str(tmp_path / "state")), nprocs=world, join=True)
+    states = [torch.load(tmp_path / f"state.{r}") for r in range(world)]
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
+    # DDP semantics: the mean over ranks of each rank's mean loss gradient.
+    layer = make_layer(6, 25, "zloss", weight_decay=0.1)
+    dense = dense_twin(layer, "zloss", weight_decay=0.1)
+    generator = torch.Generator().manual_seed(11)
+    for _ in range(5):
+        h, target, _ = make_batch(generator, 4 * world, 6, 25, repeat=True)
+        w = dense.linear.weight
+        h64 = h.double()
+        per_rank = [sample_losses(h64[4 * r : 4 * (r + 1)] @ w.T, target[4 * r : 4 * (r + 1)].unsqueeze(1), loss="zloss", **LOSS_KWARGS["zloss"]).mean() for r in range(world)]
+        dense.optimizer.zero_grad()
+        (sum(per_rank) / world).backward()
+        dense.optimizer.step()
+    layer.load_state_dict(states[0])
+    assert_close(layer.weight, dense.weight, 1e-10, "W of the replicas")
