@@ -88,18 +88,36 @@ def test_float32_stays_within_1e4_of_dense_for_100_steps(device):
 
 
 def test_inverse_update_paths_agree():
-    """Woodbury (m x m), Sherman-Morrison (m = 1) and the d x d solve give the same state."""
+    """Woodbury (m x m) and the d x d form, each by LU and by Newton-Schulz, and Sherman-Morrison
+    (m = 1) give the same state, also at an lr where ||X|| is large enough to need many iterations."""
     generator = torch.Generator().manual_seed(3)
-    for m in (1, 4, 15):
+    for m, lr in ((1, 0.01), (4, 0.01), (15, 0.01), (6, 0.03)):
         h, target, _ = make_batch(generator, m, 8, 40)
         states = []
         for path in ("woodbury", "solve"):
-            layer = make_layer(8, 40, "mse", lr=0.01)
-            layer._inverse_path = path
-            layer(h, target).backward()
-            states.append({k: v.clone() for k, v in layer.state_dict().items()})
-        for key in states[0]:
-            assert_close(states[0][key], states[1][key], 1e-12, f"{key} (m={m})", atol=1e-15)
+            for method in ("auto", "lu"):
+                layer = make_layer(8, 40, "mse", lr=lr)
+                layer._inverse_path, layer._inverse_method = path, method
+                layer(h, target).backward()
+                states.append({k: v.clone() for k, v in layer.state_dict().items()})
+        for state in states[1:]:
+            for key in states[0]:
+                assert_close(state[key], states[0][key], 1e-12, f"{key} (m={m}, lr={lr})", atol=1e-15)
+
+
+def test_newton_schulz_iteration_count_reaches_rounding():
+    from fastloss.nn import _factored_inverse as inverse
+
+    for bound in (1e-9, 1e-3, 0.1, 0.49):
+        for dtype in (torch.float32, torch.float64):
+            k = inverse.iterations_for(bound, dtype)
+            assert bound ** (2 ** (k + 1)) <= torch.finfo(dtype).eps / 4
+            assert k == 0 or bound ** (2**k) > torch.finfo(dtype).eps / 4  # and no more than needed
+    x = torch.randn(9, 9, dtype=torch.float64)
+    x *= 0.3 / torch.linalg.matrix_norm(x)
+    k = inverse.iterations_for(0.3, torch.float64)
+    expected = torch.linalg.inv(torch.eye(9, dtype=torch.float64) - x)
+    assert_close(inverse.near_identity_inverse(x, k), expected, 1e-14, "Newton-Schulz inverse")
 
 
 # ---------------------------------------------------------------------------- reparametrisations
@@ -299,6 +317,7 @@ def test_head_matches_dense_losses_for_every_kind():
 @pytest.mark.parametrize("dtype,state_dtype", [(torch.float32, torch.float64), (torch.float64, torch.float64), (torch.float32, torch.float32)])
 def test_cuda_matches_cpu(deterministic, dtype, state_dtype):
     layers = [make_layer(33, 301, "zloss", dev, dtype, state_dtype, lr=0.5, deterministic=deterministic) for dev in ("cpu", "cuda")]
+    layers[1].load_state_dict(layers[0].state_dict())  # the same initial W (the CPU and CUDA generators differ)
     generator = torch.Generator().manual_seed(6)
     tol = 1e-10 if dtype == state_dtype == torch.float64 else 1e-4
     for step in range(10):

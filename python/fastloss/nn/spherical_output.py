@@ -24,6 +24,7 @@ import torch
 from .. import _library as L
 from .. import _validate as Val
 from .. import spherical_factored as ops
+from . import _factored_inverse as inverse
 
 _LOSS_PARAMS = {  # loss -> (a, b, eps) used by the head, from the constructor's a, b, eps
     "zloss": lambda a, b, eps: (a, b, 1e-12 if eps is None else eps),
@@ -161,7 +162,8 @@ class SphericalOutputLayer(torch.nn.Module):
         self.check_stability = bool(check_stability)
         self._version = 0  # bumped by every change of the state; a backward checks it
         self._host_steps = 0
-        self._inverse_path = "auto"  # "woodbury" or "solve" force one path of the U^-T update (tests)
+        self._inverse_path = "auto"  # "woodbury" or "solve" force one form of the U^-T update (tests)
+        self._inverse_method = "auto"  # "lu" forces the LU solve over Newton-Schulz (tests)
 
         d, classes = in_features, num_classes
         V = torch.empty(classes, d, dtype=dtype, device=device)
@@ -176,6 +178,8 @@ class SphericalOutputLayer(torch.nn.Module):
         self.register_buffer("packed", torch.zeros(ops.packed_width(d), d, dtype=state_dtype, device=device))
         self.register_buffer("u_inv_t", torch.eye(d, dtype=state_dtype, device=device))
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64, device=device))
+        # Largest bound on the residual of a U^-T update run under CUDA-graph capture (check()).
+        self.register_buffer("_inverse_residual", torch.zeros((), dtype=state_dtype, device=device), persistent=False)
         self._reset_factorization(refresh=True)
 
     # ------------------------------------------------------------------ views of the packed state
@@ -294,22 +298,20 @@ class SphericalOutputLayer(torch.nn.Module):
         eta = self.lr * grad_scale / decay
         two_gq_h = ytilde[:, d + 2 :]
         gq = scaled[:, -1]
-        self._guard_stability(hs, gq, eta)
-        # U^-T <- U^-T (I - 2 eta P)^-1, P = h^T diag(gq) h; Woodbury in m x m when m <= d, else a d x d solve.
-        path = self._inverse_path
-        if path == "woodbury" or (path == "auto" and m <= d):
+        # U^-T <- U^-T (I - X)^-1: Woodbury with X = (h h^T) diag(2 eta gq), m x m, when m <= d, else
+        # X = 2 eta P, d x d (see _factored_inverse.py). The guard may raise here, before any change.
+        woodbury = self._inverse_path == "woodbury" or (self._inverse_path == "auto" and m <= d)
+        if woodbury:
             c = 2.0 * eta * gq
-            t = torch.mm(hs, self.u_inv_t.t())  # rows: U^-T h_j
-            n = torch.eye(m, dtype=hs.dtype, device=hs.device) - torch.mm(hs, hs.t()) * c.unsqueeze(0)
-            if m == 1:  # Sherman-Morrison
-                z = hs / n
-            else:
-                z, _ = torch.linalg.solve_ex(n, hs)
-            new_u_inv_t = torch.addmm(self.u_inv_t, t.t(), z * c.unsqueeze(1))
+            x = torch.mm(hs, hs.t()).mul_(c.unsqueeze(0))
         else:
-            a = torch.eye(d, dtype=hs.dtype, device=hs.device) - eta * torch.mm(hs.t(), two_gq_h)
-            new_u_inv_t, _ = torch.linalg.solve_ex(a, self.u_inv_t.t())
-            new_u_inv_t = new_u_inv_t.t()
+            x = torch.mm(hs.t(), two_gq_h).mul_(eta)
+        iterations = self._plan_inverse(hs, gq, eta, x)
+        if woodbury:
+            z = inverse.solve_near_identity(x, hs, iterations)
+            new_u_inv_t = torch.addmm(self.u_inv_t, torch.mm(hs, self.u_inv_t.t()).t(), z.mul_(c.unsqueeze(1)))
+        else:
+            new_u_inv_t = inverse.solve_near_identity(x, self.u_inv_t.t(), iterations).t()
         # Q <- Q - eta (gradH^T h + h^T gradH) + eta^2 h^T M h, with M = G^T G from the kernel.
         hg = torch.mm(hs, grad_h.t())
         mh = torch.mm(hs, sh[:, d + 2 :].t())
@@ -336,22 +338,31 @@ class SphericalOutputLayer(torch.nn.Module):
         deterministic = torch.are_deterministic_algorithms_enabled() if self.deterministic is None else self.deterministic
         return torch.sort(target.reshape(-1), stable=True).indices if deterministic else None
 
-    def _guard_stability(self, hs: torch.Tensor, gq: torch.Tensor, eta: float) -> None:
-        """Raise if 2 eta lambda_max(h^T diag(gq) h) >= 1, before any state changes."""
-        if not self.check_stability or (hs.is_cuda and not L.may_inspect_values(hs)):
-            return
-        root = hs * gq.clamp(min=0).sqrt().unsqueeze(1)  # lambda_max(P) <= lambda_max of the gq > 0 part
-        small = torch.mm(root, root.t()) if root.shape[0] <= root.shape[1] else torch.mm(root.t(), root)
-        small.mul_(2.0 * eta)
-        bound = float(torch.linalg.matrix_norm(small))  # Frobenius >= lambda_max: cheap when far from 1
-        if bound < 1.0:
-            return
-        lam = float(torch.linalg.eigvalsh(small)[-1])
-        if lam >= 1.0:
-            raise RuntimeError(
-                f"fastloss.SphericalOutputLayer: this step would make U singular: 2 * lr * lambda_max(h^T diag(dL/dq) h) "
-                f"= {lam:.4g} >= 1. Lower lr (now {self.lr}) or the scale of h; the layer's state is unchanged"
-            )
+    def _plan_inverse(self, hs: torch.Tensor, gq: torch.Tensor, eta: float, x: torch.Tensor) -> int | None:
+        """The guard (raise if 2 eta lambda_max(h^T diag(gq) h) >= 1) and the Newton-Schulz iteration
+        count for (I - X)^-1 (None: LU), from one host read of ||X||_F and the guard's bound."""
+        if self._inverse_method == "lu":
+            return None
+        if hs.is_cuda and not L.may_inspect_values(hs):  # CUDA-graph capture: no host reads
+            k = inverse.CAPTURED_ITERATIONS
+            left = torch.linalg.matrix_norm(x).pow(2 ** (k + 1))
+            torch.maximum(self._inverse_residual, left, out=self._inverse_residual)
+            return k
+        bound = torch.linalg.matrix_norm(x)
+        if self.check_stability:
+            gram = inverse.positive_part_gram(hs, gq, eta)
+            bound, frobenius = torch.stack([bound, torch.linalg.matrix_norm(gram)]).tolist()
+            if frobenius >= 1.0:  # Frobenius >= lambda_max: the exact value only when near the edge
+                lam = float(torch.linalg.eigvalsh(gram)[-1])
+                if lam >= 1.0:
+                    raise RuntimeError(
+                        f"fastloss.SphericalOutputLayer: this step would make U singular: 2 * lr * "
+                        f"lambda_max(h^T diag(dL/dq) h) = {lam:.4g} >= 1. Lower lr (now {self.lr}) or the scale of h; "
+                        "the layer's state is unchanged"
+                    )
+        else:
+            bound = float(bound)
+        return inverse.iterations_for(bound, hs.dtype) if bound < inverse.MAX_NEWTON_BOUND else None
 
     def _after_update(self) -> None:
         self._version += 1
@@ -478,7 +489,8 @@ class SphericalOutputLayer(torch.nn.Module):
 
     @torch.no_grad()
     def check(self) -> dict:
-        """Relative drift of the invariants: Q vs W^T W, wbar vs W^T 1, U (U^-T)^T vs I. O(D d^2)."""
+        """Relative drift of the invariants: Q vs W^T W, wbar vs W^T 1, U (U^-T)^T vs I (O(D d^2)), and the
+        largest residual bound of a U^-T update made under CUDA-graph capture (0 when none was)."""
         w = self.weight
         gram = torch.mm(w.t(), w)
         eye = torch.eye(self.in_features, dtype=self.state_dtype, device=w.device)
@@ -490,4 +502,5 @@ class SphericalOutputLayer(torch.nn.Module):
             "q": rel(self.Q, gram),
             "wbar": rel(self.wbar, w.sum(0)),
             "inverse": float((torch.mm(self.U, self.u_inv_t.t()) - eye).norm() / math.sqrt(self.in_features)),
+            "captured_inverse_residual": float(self._inverse_residual),
         }
