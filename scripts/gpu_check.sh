@@ -41,9 +41,13 @@ fi
 # Run from outside the source tree so that the installed package is the one imported.
 TESTS=$(pwd)/tests
 if want test; then
-  (cd "$OUT" && "$PY" -m pytest -q -p no:cacheprovider "$TESTS" >"$OUT/pytest.log" 2>&1)
-  record "pytest (all tests, CUDA included)" $?
-  tail -n 3 "$OUT/pytest.log" >>"$SUMMARY"
+  # One pytest process a test file, so that a crash in one file cannot hide the results of the others.
+  : >"$OUT/pytest.log"
+  for file in "$TESTS"/test_*.py; do
+    (cd "$OUT" && "$PY" -m pytest -q -p no:cacheprovider "$file" >>"$OUT/pytest.log" 2>&1)
+    record "pytest $(basename "$file") (CUDA included)" $?
+    tail -n 1 "$OUT/pytest.log" >>"$SUMMARY"
+  done
 fi
 
 if want sanitizer; then
