@@ -72,10 +72,11 @@ def _self_check(name: str):
         target = torch.randint(0, classes, (rows,), generator=generator)
         target[::7] = -100
         weights = torch.rand(rows, generator=generator, dtype=torch.float64)
-        expected_logits = logits.double().requires_grad_()
+        # Separate leaves: for float64 CPU logits .double() and .to(device) would return `logits` itself.
+        expected_logits = logits.double().clone().requires_grad_()
         expected = ref(expected_logits, target, reduction="none", **kwargs)
         (expected * weights).sum().backward()
-        actual_logits = logits.to(device).requires_grad_()
+        actual_logits = logits.to(device).clone().requires_grad_()
         actual = fast(actual_logits, target.to(device), reduction="none", **kwargs)
         (actual.double() * weights.to(device)).sum().backward()
         error = max(relative_error(actual, expected), relative_error(actual_logits.grad, expected_logits.grad))
