@@ -105,6 +105,22 @@ def test_inverse_update_paths_agree():
                 assert_close(state[key], states[0][key], 1e-12, f"{key} (m={m}, lr={lr})", atol=1e-15)
 
 
+@pytest.mark.parametrize("m,K", [(5, 1), (30, 3)])
+def test_q_update_forms_agree(m, K, device):
+    """The m x m Gram form and the m x m-free form of the Q update give the same state."""
+    generator = torch.Generator().manual_seed(m)
+    h, target, w = make_batch(generator, m, 7, 19, K, repeat=True, ignore=True, weights=True)
+    states = []
+    for form in ("gram", "gram_free"):
+        layer = make_layer(7, 19, "zloss", device)
+        layer._q_update = form
+        for _ in range(3):
+            layer(h.to(device), target.to(device), w.to(device)).backward()
+        states.append({k: v.cpu().clone() for k, v in layer.state_dict().items()})
+    for key in states[0]:
+        assert_close(states[1][key], states[0][key], 1e-12, key, atol=1e-15)
+
+
 def test_newton_schulz_iteration_count_reaches_rounding():
     from fastloss.nn import _factored_inverse as inverse
 
@@ -117,7 +133,8 @@ def test_newton_schulz_iteration_count_reaches_rounding():
     x *= 0.3 / torch.linalg.matrix_norm(x)
     k = inverse.iterations_for(0.3, torch.float64)
     expected = torch.linalg.inv(torch.eye(9, dtype=torch.float64) - x)
-    assert_close(inverse.near_identity_inverse(x, k), expected, 1e-14, "Newton-Schulz inverse")
+    rhs = torch.randn(9, 4, dtype=torch.float64)
+    assert_close(inverse.solve_near_identity(x, rhs, k), expected @ rhs, 1e-14, "Newton-Schulz solve")
 
 
 # ---------------------------------------------------------------------------- reparametrisations
@@ -289,6 +306,12 @@ def test_ops_pass_opcheck():
     square = torch.randn(m, m, generator=generator, dtype=torch.float64)
     torch.library.opcheck(torch.ops.fastloss.spherical_factored_gram.default, (h, sh, V, target, scaled, square, square))
     torch.library.opcheck(torch.ops.fastloss.spherical_factored_scatter_.default, (V.clone(), h, sh, target, scaled, h, 0.1, None))
+    order = torch.sort(target.reshape(-1), stable=True).indices
+    torch.library.opcheck(torch.ops.fastloss.spherical_factored_group.default, (h, sh, V, target, scaled, order))
+    grouped = ops.group(h, sh, V, target, scaled, order)
+    ydot = torch.zeros(D, m, dtype=torch.float64).index_put_((target.reshape(-1), torch.arange(m).repeat_interleave(K)),
+                                                              scaled[:, :K].reshape(-1), accumulate=True)
+    assert_close(grouped.T @ grouped, (ydot @ h).T @ (ydot @ h), 1e-13, "R^T R from the grouped rows")
 
 
 def test_head_matches_dense_losses_for_every_kind():
@@ -356,6 +379,7 @@ def test_cuda_step_is_capturable_in_a_cuda_graph():
         twin(h, target).backward()
     torch.cuda.synchronize()
     assert_close(layer.weight, twin.weight, 1e-12, "W after graph replays")
+    assert layer.check()["captured_inverse_residual"] < 1e-16
 
 
 # ---------------------------------------------------------------------------- data parallel

@@ -174,7 +174,20 @@ void bind_spherical_factored(py::module_& m) {
         factored_scatter_cpu(p, as_ptr(weight_rows), as_ptr<const void>(scaled), as_ptr<const void>(r), lr);
       },
       no_gil);
+  m.def(
+      "spherical_factored_group_cpu",
+      [](const FactoredProblem& p, uintptr_t scaled, uintptr_t order, uintptr_t grouped) {
+        factored_group_cpu(p, as_ptr<const void>(scaled), as_ptr<const int64_t>(order), as_ptr(grouped));
+      },
+      no_gil);
 #if defined(FASTLOSS_WITH_CUDA)
+  m.def(
+      "spherical_factored_group_cuda",
+      [](const FactoredProblem& p, uintptr_t scaled, uintptr_t order, uintptr_t grouped, int device, uintptr_t stream) {
+        factored_group_cuda(p, as_ptr<const void>(scaled), as_ptr<const int64_t>(order), as_ptr(grouped), device,
+                            as_stream(stream));
+      },
+      no_gil);
   m.def(
       "spherical_factored_head_cuda",
       [](const FactoredProblem& p, uintptr_t loss, uintptr_t partials, int device, uintptr_t stream) {

@@ -109,5 +109,22 @@ FL_HD T gram_entry(const int64_t* classes_i, const T* partials_i, const int64_t*
          T(2) * gq_j * hg_ji - T(4) * gq_i * gq_j * mh_ij;
 }
 
+// Sum over the sorted entries of one class, starting at `position` when it is the class's first:
+// value(e) * row(sample of e)[i] for one feature i. Returns false (and leaves `sum`) otherwise.
+// Shared by the scatter into V and the grouped rows of the Q update, on CPU and CUDA.
+template <class T, class Row>
+FL_HD bool class_segment_sum(const int64_t* target, const int64_t* order, int64_t entries, int64_t position, int64_t K,
+                             const T* scaled, Row row, T& sum) {
+  const int64_t c = target[order[position]];
+  if (position > 0 && target[order[position - 1]] == c) return false;
+  T acc = T(0);
+  for (int64_t s = position; s < entries && target[order[s]] == c; ++s) {
+    const int64_t e = order[s];
+    acc += scaled[(e / K) * (K + 2) + e % K] * row(e / K);
+  }
+  sum = acc;
+  return true;
+}
+
 }  // namespace spherical
 }  // namespace fl

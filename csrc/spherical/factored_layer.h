@@ -48,6 +48,10 @@ void factored_prepare_cpu(const FactoredProblem& p, const void* partials, const 
 void factored_gram_cpu(const FactoredProblem& p, const void* scaled, const void* hg, const void* mh, void* gram);
 // V[c_jk] -= lr * scaled[j, k] * R[j] for every target entry, in a fixed order (deterministic).
 void factored_scatter_cpu(const FactoredProblem& p, void* weight_rows, const void* scaled, const void* r, double lr);
+// The rows of R = Ydot h grouped by class, for the m x m-free Q update: with `order` the m*K entry
+// indices sorted by class (stable), grouped[s] = sum over the entries e of s's class of
+// scaled[e] * h[sample of e] when s is the first sorted position of its class, else 0 (m*K x d).
+void factored_group_cpu(const FactoredProblem& p, const void* scaled, const int64_t* order, void* grouped);
 
 #if defined(FASTLOSS_WITH_CUDA)
 // ---- CUDA (pointers on `device`, work queued on `stream`, no host sync) ------
@@ -61,6 +65,8 @@ void factored_gram_cuda(const FactoredProblem& p, const void* scaled, const void
 // sorted by class (stable): each class's row is then written once, in a fixed order.
 void factored_scatter_cuda(const FactoredProblem& p, void* weight_rows, const void* scaled, const void* r, double lr,
                            const int64_t* order, int device, cudaStream_t stream);
+void factored_group_cuda(const FactoredProblem& p, const void* scaled, const int64_t* order, void* grouped, int device,
+                         cudaStream_t stream);
 #endif
 
 }  // namespace spherical

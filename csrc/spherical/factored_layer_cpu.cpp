@@ -126,6 +126,22 @@ void scatter_typed(const FactoredProblem& p, W* v, const T* scaled, const T* r, 
   });
 }
 
+template <class T>
+void group_typed(const FactoredProblem& p, const T* scaled, const int64_t* order, T* grouped) {
+  const int64_t d = p.features, K = p.targets_per_sample, entries = p.samples * K;
+  const T* h = static_cast<const T*>(p.h);
+  parallel_for(entries, grain_for(d * K), [&](int64_t begin, int64_t end) {
+    for (int64_t position = begin; position < end; ++position) {
+      T* out = grouped + position * d;
+      for (int64_t i = 0; i < d; ++i) {
+        T sum = T(0);
+        class_segment_sum<T>(p.target, order, entries, position, K, scaled, [&](int64_t j) { return h[j * d + i]; }, sum);
+        out[i] = sum;
+      }
+    }
+  });
+}
+
 }  // namespace
 
 void factored_head_cpu(const FactoredProblem& p, void* loss, void* partials) {
@@ -170,6 +186,21 @@ void factored_scatter_cpu(const FactoredProblem& p, void* weight_rows, const voi
     using W = typename decltype(wt)::type;
     scatter_typed<T, W>(p, static_cast<W*>(weight_rows), static_cast<const T*>(scaled), static_cast<const T*>(r),
                         static_cast<T>(lr));
+  });
+}
+
+}  // namespace spherical
+}  // namespace fl
+
+namespace fl {
+namespace spherical {
+
+void factored_group_cpu(const FactoredProblem& p, const void* scaled, const int64_t* order, void* grouped) {
+  const char* where = "fastloss.spherical factored_group_cpu";
+  validate_factored_problem(p, where);
+  dispatch_factored_types(p, where, [&](auto st, auto) {
+    using T = typename decltype(st)::type;
+    group_typed<T>(p, static_cast<const T*>(scaled), order, static_cast<T*>(grouped));
   });
 }
 

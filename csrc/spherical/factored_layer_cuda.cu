@@ -16,6 +16,7 @@ constexpr const char* kHeadName = "fastloss.spherical factored_head_cuda";
 constexpr const char* kPrepareName = "fastloss.spherical factored_prepare_cuda";
 constexpr const char* kGramName = "fastloss.spherical factored_gram_cuda";
 constexpr const char* kScatterName = "fastloss.spherical factored_scatter_cuda";
+constexpr const char* kGroupName = "fastloss.spherical factored_group_cuda";
 constexpr int kThreads = 256;
 constexpr int kWarpsPerBlock = kThreads / 32;
 constexpr int kGramTile = 16;
@@ -132,14 +133,24 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t K = p.targets_per_sample, d = p.features, entries = p.samples * K;
   const int64_t c = p.target[order[position]];
   if (!entry_is_target(c, p.classes)) return;
-  if (position > 0 && p.target[order[position - 1]] == c) return;  // not the first entry of its class
   for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
-    T acc = T(0);
-    for (int64_t s = position; s < entries && p.target[order[s]] == c; ++s) {
-      const int64_t e = order[s], j = e / K;
-      acc += scaled[j * (K + 2) + e % K] * r[j * d + i];
-    }
-    v[c * d + i] = static_cast<W>(static_cast<T>(v[c * d + i]) - lr * acc);
+    T sum;
+    if (!class_segment_sum<T>(p.target, order, entries, position, K, scaled, [&](int64_t j) { return r[j * d + i]; }, sum))
+      return;  // not the first entry of its class (uniform over the block)
+    v[c * d + i] = static_cast<W>(static_cast<T>(v[c * d + i]) - lr * sum);
+  }
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads)
+    group_kernel(FactoredProblem p, const T* __restrict__ scaled, const int64_t* __restrict__ order, T* __restrict__ grouped) {
+  const int64_t position = blockIdx.x;
+  const int64_t K = p.targets_per_sample, d = p.features, entries = p.samples * K;
+  const T* h = static_cast<const T*>(p.h);
+  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
+    T sum = T(0);
+    class_segment_sum<T>(p.target, order, entries, position, K, scaled, [&](int64_t j) { return h[j * d + i]; }, sum);
+    grouped[position * d + i] = sum;
   }
 }
 
@@ -209,6 +220,22 @@ void factored_scatter_cuda(const FactoredProblem& p, void* weight_rows, const vo
           order);
       FL_CUDA_CHECK_LAUNCH(scatter_sorted_kernel);
     }
+  });
+}
+
+void factored_group_cuda(const FactoredProblem& p, const void* scaled, const int64_t* order, void* grouped, int device,
+                         cudaStream_t stream) {
+  validate_factored_problem(p, kGroupName);
+  const int64_t entries = p.samples * p.targets_per_sample;
+  if (entries == 0) return;
+  FL_CHECK_ARG(entries < (int64_t(1) << 31), kGroupName, ": too many target entries (", entries, ")");
+  CudaDeviceGuard guard(device);
+  const int threads = p.features >= kThreads ? kThreads : static_cast<int>((p.features + 31) / 32 * 32);
+  dispatch_factored_types(p, kGroupName, [&](auto st, auto) {
+    using T = typename decltype(st)::type;
+    group_kernel<T><<<static_cast<unsigned>(entries), threads, 0, stream>>>(p, static_cast<const T*>(scaled), order,
+                                                                              static_cast<T*>(grouped));
+    FL_CUDA_CHECK_LAUNCH(group_kernel);
   });
 }
 

@@ -9,6 +9,7 @@ and four kernels of ``csrc/spherical/factored_layer_*``, registered here as ops:
                                 rows (dL/dh = ytilde S), the omega / wbar update coefficients.
 ``spherical_factored_gram``     M = G^T G (m x m), the gradient Gram matrix of the Q update.
 ``spherical_factored_scatter_`` V[C] -= lr * ydot R^T in place (repeated classes add).
+``spherical_factored_group``    the rows of ydot h grouped by class (for the m x m-free Q update).
 
 Row layouts are documented in ``csrc/spherical/factored_head.h``. The ops take the state-typed
 arrays (float32 or float64) and V (float32 or float64) as they are; the layer does the conversions.
@@ -205,4 +206,35 @@ scatter_ = L.define_op(
     cpu=_scatter("cpu"),
     cuda=_scatter("cuda"),
     fake=_scatter_fake,
+)
+
+
+# ---------------------------------------------------------------------------- group
+def _group(device):
+    def impl(h, sh, weight_rows, target, scaled, order):
+        fn = "spherical_factored_group"
+        _check(fn, h, sh, weight_rows, target)
+        m, k = target.shape
+        if scaled.shape != (m, k + 2) or scaled.dtype != h.dtype or not scaled.is_contiguous():
+            raise ValueError(f"fastloss.{fn}: 'scaled' must be a contiguous {h.dtype} tensor of shape ({m}, {k + 2})")
+        if order.shape != (m * k,) or order.dtype != torch.int64 or not order.is_contiguous() or order.device != h.device:
+            raise ValueError(f"fastloss.{fn}: 'order' must be a contiguous int64 tensor of shape ({m * k},) on {h.device}")
+        grouped = L.empty((m * k, h.shape[1]), h.dtype, h.device)
+        _launch(device, "group", h, _problem(h, sh, weight_rows, target), scaled.data_ptr(), order.data_ptr(),
+                grouped.data_ptr())  # fmt: skip
+        return grouped
+
+    return impl
+
+
+def _group_fake(h, sh, weight_rows, target, scaled, order):
+    return h.new_empty((target.numel(), h.shape[1]))
+
+
+group = L.define_op(
+    "spherical_factored_group",
+    "(Tensor h, Tensor sh, Tensor V, Tensor target, Tensor scaled, Tensor order) -> Tensor",
+    cpu=_group("cpu"),
+    cuda=_group("cuda"),
+    fake=_group_fake,
 )

@@ -6,7 +6,7 @@ X = (h h^T) diag(2 eta gq) (m x m, used when m <= d). A dense LU of it is latenc
 (cuSOLVER's getrf takes ~200 us at n = 128 and ~1 ms at n = 512 on an H100, more than the rest of
 the step), so it is inverted by Newton-Schulz from the second-order Neumann guess:
     Y_0 = I + X,  Y_{k+1} = Y_k (2I - (I - X) Y_k),  residual I - (I - X) Y_k = X^(2^(k+1)),
-two GEMMs an iteration. With b = ||X||_F known (eager, one host read shared with the guard) the
+two GEMMs an iteration (in the product form of solve_near_identity). With b = ||X||_F known (eager, one host read shared with the guard) the
 iteration count is the smallest that makes b^(2^(k+1)) vanish in the state dtype, and b >= 1/2
 falls back to LU. Under CUDA-graph capture (no host reads) it runs a fixed count and records the
 bound of the residual it left, which ``SphericalOutputLayer.check()`` reports.
@@ -31,25 +31,24 @@ def iterations_for(bound: float, dtype: torch.dtype) -> int:
     return max(0, math.ceil(math.log2(max(needed, 1.0))) - 1)
 
 
-def near_identity_inverse(x: torch.Tensor, iterations: int) -> torch.Tensor:
-    """(I - X)^-1 by ``iterations`` Newton-Schulz steps from Y_0 = I + X."""
-    eye = torch.eye(x.shape[0], dtype=x.dtype, device=x.device)
-    y = eye + x
-    for _ in range(iterations):
-        residual = torch.addmm(eye - y, x, y)  # I - (I - X) Y
-        y = torch.addmm(y, y, residual)
-    return y
-
-
 def solve_near_identity(x: torch.Tensor, rhs: torch.Tensor, iterations: int | None) -> torch.Tensor:
-    """(I - X)^-1 rhs; ``iterations=None`` means an LU solve."""
+    """(I - X)^-1 rhs; ``iterations=None`` means an LU solve.
+
+    Newton-Schulz from Y_0 = I + X has the product form Y_k = (I + X)(I + X^2)(I + X^4)...(I + X^(2^k)),
+    applied here to rhs directly: one GEMM for each factor and one to square the power, and no
+    elementwise work, which matters in a step that is a chain of small launches."""
     if iterations is None:
         eye = torch.eye(x.shape[0], dtype=x.dtype, device=x.device)
         solution, _ = torch.linalg.solve_ex(eye - x, rhs)
         return solution
     if x.shape[0] == 1:  # Sherman-Morrison: a scalar
         return rhs / (1.0 - x)
-    return torch.mm(near_identity_inverse(x, iterations), rhs)
+    z = torch.addmm(rhs, x, rhs)
+    power = x
+    for _ in range(iterations):
+        power = torch.mm(power, power)
+        z = torch.addmm(z, power, z)
+    return z
 
 
 def positive_part_gram(hs: torch.Tensor, gq: torch.Tensor, eta: float) -> torch.Tensor:

@@ -164,6 +164,7 @@ class SphericalOutputLayer(torch.nn.Module):
         self._host_steps = 0
         self._inverse_path = "auto"  # "woodbury" or "solve" force one form of the U^-T update (tests)
         self._inverse_method = "auto"  # "lu" forces the LU solve over Newton-Schulz (tests)
+        self._q_update = "auto"  # "gram" (m x m M) or "gram_free" forces one form of the Q update (tests)
 
         d, classes = in_features, num_classes
         V = torch.empty(classes, d, dtype=dtype, device=device)
@@ -178,8 +179,8 @@ class SphericalOutputLayer(torch.nn.Module):
         self.register_buffer("packed", torch.zeros(ops.packed_width(d), d, dtype=state_dtype, device=device))
         self.register_buffer("u_inv_t", torch.eye(d, dtype=state_dtype, device=device))
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64, device=device))
-        # Largest bound on the residual of a U^-T update run under CUDA-graph capture (check()).
-        self.register_buffer("_inverse_residual", torch.zeros((), dtype=state_dtype, device=device), persistent=False)
+        # Largest ||X||_F of a U^-T update run under CUDA-graph capture (check() turns it into a residual bound).
+        self.register_buffer("_captured_bound", torch.zeros((), dtype=state_dtype, device=device), persistent=False)
         self._reset_factorization(refresh=True)
 
     # ------------------------------------------------------------------ views of the packed state
@@ -308,21 +309,25 @@ class SphericalOutputLayer(torch.nn.Module):
             x = torch.mm(hs.t(), two_gq_h).mul_(eta)
         iterations = self._plan_inverse(hs, gq, eta, x)
         if woodbury:
-            z = inverse.solve_near_identity(x, hs, iterations)
-            new_u_inv_t = torch.addmm(self.u_inv_t, torch.mm(hs, self.u_inv_t.t()).t(), z.mul_(c.unsqueeze(1)))
+            z = inverse.solve_near_identity(x, hs, iterations).mul_(c.unsqueeze(1))
+            old_rows = torch.mm(hs, self.u_inv_t.t())  # rows U^-T h_j, before the in-place update below
         else:
             new_u_inv_t = inverse.solve_near_identity(x, self.u_inv_t.t(), iterations).t()
-        # Q <- Q - eta (gradH^T h + h^T gradH) + eta^2 h^T M h, with M = G^T G from the kernel.
-        hg = torch.mm(hs, grad_h.t())
-        mh = torch.mm(hs, sh[:, d + 2 :].t())
-        gram = ops.gram(hs, sh, self.V, target, scaled, hg, mh)
-        quad = torch.mm(gram, hs).mul_(eta * eta).sub_(grad_h, alpha=eta)  # eta^2 M h - eta gradH
+        # Q <- Q - eta (gradH^T h + h^T gradH) + eta^2 H M H^T, M = G^T G (G = dL/dO, D x m).
         Q = self.Q
-        Q.addmm_(hs.t(), quad).addmm_(grad_h.t(), hs, alpha=-eta)
+        if self._q_update == "gram" or (self._q_update == "auto" and m < 2 * d):
+            quad = self._gram_term(hs, sh, target, scaled, grad_h, eta)
+            Q.addmm_(hs.t(), quad).addmm_(grad_h.t(), hs, alpha=-eta)
+        else:
+            hmh = self._gram_free_term(hs, sh, target, scaled, ytilde, grad_h)
+            Q.addmm_(grad_h.t(), hs, alpha=-eta).addmm_(hs.t(), grad_h, alpha=-eta).add_(hmh, alpha=eta * eta)
         # U <- U (I - 2 eta P) = U - eta (U h)^T-rows x (2 gq h);  omega, wbar <- - eta coef^T h.
         self.U.addmm_(sh[:, :d].t(), two_gq_h, alpha=-eta)
         self.packed[d : d + 2].addmm_(coef.t(), hs, alpha=-eta)
-        self.u_inv_t.copy_(new_u_inv_t)
+        if woodbury:
+            self.u_inv_t.addmm_(old_rows.t(), z)
+        else:
+            self.u_inv_t.copy_(new_u_inv_t)
         # V[C] -= eta ydot (U_new^-T h)^T
         r = torch.mm(hs, self.u_inv_t.t())
         ops.scatter_(self.V, hs, sh, target, scaled, r, eta, self._scatter_order(target))
@@ -331,6 +336,34 @@ class SphericalOutputLayer(torch.nn.Module):
             Q.mul_(decay * decay)
             self.u_inv_t.div_(decay)
         self._after_update()
+
+    def _gram_term(self, hs, sh, target, scaled, grad_h, eta):
+        """eta^2 M h - eta gradH (rows), with the m x m M from the kernel: O(m^2 d) (m < 2d)."""
+        d = self.in_features
+        hg = torch.mm(hs, grad_h.t())
+        mh = torch.mm(hs, sh[:, d + 2 :].t())
+        gram = ops.gram(hs, sh, self.V, target, scaled, hg, mh)
+        return torch.addmm(grad_h, gram, hs, beta=-eta, alpha=eta * eta)
+
+    def _gram_free_term(self, hs, sh, target, scaled, ytilde, grad_h):
+        """H M H^T without an m x m matrix, O(m d^2 + d^3) (m >= 2d). In rows form, with G H^T =
+        R + 1 u^T + 2 W P (R = Ydot H^T, nonzero on the target rows; u = H gs; P = H diag(gq) H^T):
+        H M H^T = R^T R + D u u^T + v u^T + u v^T + 4 P Q P + 2 B^T P + 2 P B, where v = H ybar and
+        B = W^T R + wbar u^T = Zh H^T, Zh = gradH - 2 Q H diag(gq) (the columns of W^T (Ydot + 1 gs^T))."""
+        d = self.in_features
+        two_gq_h = ytilde[:, d + 2 :]
+        gs, ybar = ytilde[:, d + 1], ytilde[:, d]
+        order = torch.sort(target.reshape(-1), stable=True).indices
+        grouped = ops.group(hs, sh, self.V, target, scaled, order)  # the rows of R, one per class (others 0)
+        u, v = torch.mv(hs.t(), gs), torch.mv(hs.t(), ybar)
+        p = torch.mm(hs.t(), two_gq_h).mul_(0.5)
+        zh = torch.addmm(grad_h, two_gq_h, self.Q, alpha=-1.0)
+        b_p = torch.mm(torch.mm(zh.t(), hs).t(), p)  # B^T P
+        out = torch.mm(grouped.t(), grouped)
+        out.addr_(u, u, alpha=float(self.num_classes)).addr_(v, u).addr_(u, v)
+        out.addmm_(torch.mm(p, self.Q), p, alpha=4.0)
+        out.add_(b_p, alpha=2.0).add_(b_p.t(), alpha=2.0)
+        return out
 
     def _scatter_order(self, target: torch.Tensor) -> torch.Tensor | None:
         if not target.is_cuda:
@@ -344,10 +377,8 @@ class SphericalOutputLayer(torch.nn.Module):
         if self._inverse_method == "lu":
             return None
         if hs.is_cuda and not L.may_inspect_values(hs):  # CUDA-graph capture: no host reads
-            k = inverse.CAPTURED_ITERATIONS
-            left = torch.linalg.matrix_norm(x).pow(2 ** (k + 1))
-            torch.maximum(self._inverse_residual, left, out=self._inverse_residual)
-            return k
+            torch.maximum(self._captured_bound, torch.linalg.matrix_norm(x), out=self._captured_bound)
+            return inverse.CAPTURED_ITERATIONS
         bound = torch.linalg.matrix_norm(x)
         if self.check_stability:
             gram = inverse.positive_part_gram(hs, gq, eta)
@@ -502,5 +533,5 @@ class SphericalOutputLayer(torch.nn.Module):
             "q": rel(self.Q, gram),
             "wbar": rel(self.wbar, w.sum(0)),
             "inverse": float((torch.mm(self.U, self.u_inv_t.t()) - eye).norm() / math.sqrt(self.in_features)),
-            "captured_inverse_residual": float(self._inverse_residual),
+            "captured_inverse_residual": float(self._captured_bound) ** (2 ** (inverse.CAPTURED_ITERATIONS + 1)),
         }
