@@ -36,6 +36,7 @@ def test_self_check_passes_and_reports_every_op(capsys):
     out = capsys.readouterr().out
     for name in ("zloss", "spherical_softmax_loss", "taylor_softmax_loss"):
         assert out.count(name) >= 3 and "FAIL" not in out
+    assert out.count("SphericalOutputLayer") >= 2
 
 
 def test_benchmark_runner_writes_json(tmp_path):

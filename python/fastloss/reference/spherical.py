@@ -88,3 +88,6 @@ def _self_check(name: str):
 
 for _name in LOSSES:
     register_self_check(_self_check(_name))
+
+
+from . import spherical_output  # noqa: E402,F401  (registers the output layer's self-check)

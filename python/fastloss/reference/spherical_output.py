@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from .._registry import SelfCheck, register_self_check
 from . import spherical as dense
 
 
@@ -64,3 +65,24 @@ class DenseSGD:
         objective.backward()
         self.optimizer.step()
         return out.detach(), h.grad
+
+
+def _self_check_output_layer(device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
+    """Five steps of SphericalOutputLayer (V and state in ``dtype``) against dense SGD: the error of W."""
+    from .._registry import relative_error
+    from ..nn.spherical_output import SphericalOutputLayer
+
+    generator = torch.Generator().manual_seed(0)
+    classes, features, samples = 1003, 24, 13  # not multiples of any tile
+    torch.manual_seed(0)
+    layer = SphericalOutputLayer(features, classes, loss="zloss", lr=0.5, dtype=dtype, state_dtype=dtype, device=device)
+    dense = DenseSGD(layer.weight, lr=0.5, loss="zloss")
+    for _ in range(5):
+        h = torch.randn(samples, features, generator=generator, dtype=torch.float64)
+        target = torch.randint(0, classes, (samples, 2), generator=generator)
+        layer(h.to(device, dtype), target.to(device)).backward()
+        dense.step(h, target)
+    return relative_error(layer.weight, dense.weight), (1e-10 if dtype == torch.float64 else 1e-4)
+
+
+register_self_check(SelfCheck(name="SphericalOutputLayer", run=_self_check_output_layer, dtypes=(torch.float32, torch.float64)))
