@@ -356,11 +356,12 @@ def test_cuda_matches_cpu(deterministic, dtype, state_dtype):
 
 
 @requires_cuda
-def test_cuda_step_is_capturable_in_a_cuda_graph():
-    layer = make_layer(64, 1000, "zloss", "cuda", lr=0.1, check_stability=False)
+@pytest.mark.parametrize("d,m", [(64, 32), (16, 40)], ids=["gram", "gram-free"])
+def test_cuda_step_is_capturable_in_a_cuda_graph(d, m):
+    layer = make_layer(d, 1000, "zloss", "cuda", lr=0.1, check_stability=False)
     twin = copy.deepcopy(layer)
-    h = torch.randn(32, 64, device="cuda", requires_grad=True)
-    target = torch.randint(0, 1000, (32,), device="cuda")
+    h = torch.randn(m, d, device="cuda", requires_grad=True)
+    target = torch.randint(0, 1000, (m,), device="cuda")
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm-up outside the graph (allocations, cuBLAS handles)
