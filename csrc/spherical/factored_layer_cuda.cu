@@ -39,6 +39,19 @@ unsigned blocks_for(int64_t items, int64_t per_block) {
   return static_cast<unsigned>((items + per_block - 1) / per_block);
 }
 
+// One block per target entry (scatter, group): the grid and a block width that covers d.
+struct EntryGrid {
+  unsigned blocks;
+  int threads;
+};
+
+EntryGrid entry_grid(const FactoredProblem& p, const char* where) {
+  const int64_t entries = p.samples * p.targets_per_sample;
+  FL_CHECK_ARG(entries < (int64_t(1) << 31), where, ": too many target entries (", entries, ")");
+  const int threads = p.features >= kThreads ? kThreads : static_cast<int>((p.features + 31) / 32 * 32);
+  return EntryGrid{static_cast<unsigned>(entries), threads};
+}
+
 template <class T, class W>
 __global__ void __launch_bounds__(kThreads) head_kernel(FactoredProblem p, T* __restrict__ loss, T* __restrict__ partials) {
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
@@ -202,20 +215,18 @@ void factored_gram_cuda(const FactoredProblem& p, const void* scaled, const void
 void factored_scatter_cuda(const FactoredProblem& p, void* weight_rows, const void* scaled, const void* r, double lr,
                            const int64_t* order, int device, cudaStream_t stream) {
   validate_factored_problem(p, kScatterName);
-  const int64_t entries = p.samples * p.targets_per_sample;
-  if (entries == 0) return;
-  FL_CHECK_ARG(entries < (int64_t(1) << 31), kScatterName, ": too many target entries (", entries, ")");
+  if (p.samples == 0) return;
+  const EntryGrid grid = entry_grid(p, kScatterName);
   CudaDeviceGuard guard(device);
-  const int threads = p.features >= kThreads ? kThreads : static_cast<int>((p.features + 31) / 32 * 32);
   dispatch_factored_types(p, kScatterName, [&](auto st, auto wt) {
     using T = typename decltype(st)::type;
     using W = typename decltype(wt)::type;
     if (order == nullptr) {
-      scatter_atomic_kernel<T, W><<<static_cast<unsigned>(entries), threads, 0, stream>>>(
+      scatter_atomic_kernel<T, W><<<grid.blocks, grid.threads, 0, stream>>>(
           p, static_cast<W*>(weight_rows), static_cast<const T*>(scaled), static_cast<const T*>(r), static_cast<T>(lr));
       FL_CUDA_CHECK_LAUNCH(scatter_atomic_kernel);
     } else {
-      scatter_sorted_kernel<T, W><<<static_cast<unsigned>(entries), threads, 0, stream>>>(
+      scatter_sorted_kernel<T, W><<<grid.blocks, grid.threads, 0, stream>>>(
           p, static_cast<W*>(weight_rows), static_cast<const T*>(scaled), static_cast<const T*>(r), static_cast<T>(lr),
           order);
       FL_CUDA_CHECK_LAUNCH(scatter_sorted_kernel);
@@ -226,14 +237,12 @@ void factored_scatter_cuda(const FactoredProblem& p, void* weight_rows, const vo
 void factored_group_cuda(const FactoredProblem& p, const void* scaled, const int64_t* order, void* grouped, int device,
                          cudaStream_t stream) {
   validate_factored_problem(p, kGroupName);
-  const int64_t entries = p.samples * p.targets_per_sample;
-  if (entries == 0) return;
-  FL_CHECK_ARG(entries < (int64_t(1) << 31), kGroupName, ": too many target entries (", entries, ")");
+  if (p.samples == 0) return;
+  const EntryGrid grid = entry_grid(p, kGroupName);
   CudaDeviceGuard guard(device);
-  const int threads = p.features >= kThreads ? kThreads : static_cast<int>((p.features + 31) / 32 * 32);
   dispatch_factored_types(p, kGroupName, [&](auto st, auto) {
     using T = typename decltype(st)::type;
-    group_kernel<T><<<static_cast<unsigned>(entries), threads, 0, stream>>>(p, static_cast<const T*>(scaled), order,
+    group_kernel<T><<<grid.blocks, grid.threads, 0, stream>>>(p, static_cast<const T*>(scaled), order,
                                                                               static_cast<T*>(grouped));
     FL_CUDA_CHECK_LAUNCH(group_kernel);
   });

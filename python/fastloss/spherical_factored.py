@@ -57,6 +57,17 @@ def _check(fn: str, h, sh, weight_rows, target, target_weight=None) -> None:
         raise ValueError(f"fastloss.{fn}: all tensors must be on one device")
 
 
+def _check_matrix(fn: str, name: str, t: torch.Tensor, shape: tuple, like: torch.Tensor) -> None:
+    """A kernel argument must be contiguous, of ``shape`` and of ``like``'s dtype and device."""
+    if tuple(t.shape) != tuple(shape) or t.dtype != like.dtype or t.device != like.device or not t.is_contiguous():
+        raise ValueError(f"fastloss.{fn}: '{name}' must be a contiguous {like.dtype} tensor of shape {tuple(shape)} on {like.device}")
+
+
+def _define(name: str, schema: str, impl_for, fake):
+    """``fastloss::spherical_factored_<name>`` with CPU and CUDA kernels from ``impl_for(device)``."""
+    return L.define_op(f"spherical_factored_{name}", schema, cpu=impl_for("cpu"), cuda=impl_for("cuda"), fake=fake)
+
+
 def _problem(h, sh, weight_rows, target, target_weight=None, ignore_index=-100, kind=0, a=1.0, b=0.0, eps=0.0):
     m, d = h.shape
     return _C.FactoredProblem(
@@ -95,13 +106,12 @@ def _head_fake(h, sh, weight_rows, target, target_weight, kind, a, b, eps, ignor
     return h.new_empty((m,)), h.new_empty((m, k + 2))
 
 
-head = L.define_op(
-    "spherical_factored_head",
+head = _define(
+    "head",
     "(Tensor h, Tensor sh, Tensor V, Tensor target, Tensor? target_weight, int kind, float a, float b, float eps, "
     "int ignore_index) -> (Tensor, Tensor)",
-    cpu=_head("cpu"),
-    cuda=_head("cuda"),
-    fake=_head_fake,
+    _head,
+    _head_fake,
 )
 
 
@@ -111,10 +121,8 @@ def _prepare(device):
         fn = "spherical_factored_prepare"
         _check(fn, h, sh, weight_rows, target)
         m, k = target.shape
-        if partials.shape != (m, k + 2) or partials.dtype != h.dtype or not partials.is_contiguous():
-            raise ValueError(f"fastloss.{fn}: 'partials' must be a contiguous {h.dtype} tensor of shape ({m}, {k + 2})")
-        if grad_loss.shape != (m,) or grad_loss.dtype != h.dtype or grad_loss.device != h.device:
-            raise ValueError(f"fastloss.{fn}: 'grad_loss' must be a {h.dtype} tensor of shape ({m},) on {h.device}")
+        _check_matrix(fn, "partials", partials, (m, k + 2), h)
+        _check_matrix(fn, "grad_loss", grad_loss, (m,), h)
         ytilde = L.empty((m, packed_width(h.shape[1])), h.dtype, h.device)
         scaled = L.empty((m, k + 2), h.dtype, h.device)
         coef = L.empty((m, 2), h.dtype, h.device)
@@ -131,30 +139,22 @@ def _prepare_fake(h, sh, weight_rows, target, partials, grad_loss):
     return h.new_empty((m, packed_width(h.shape[1]))), h.new_empty((m, k + 2)), h.new_empty((m, 2))
 
 
-prepare = L.define_op(
-    "spherical_factored_prepare",
+prepare = _define(
+    "prepare",
     "(Tensor h, Tensor sh, Tensor V, Tensor target, Tensor partials, Tensor grad_loss) -> (Tensor, Tensor, Tensor)",
-    cpu=_prepare("cpu"),
-    cuda=_prepare("cuda"),
-    fake=_prepare_fake,
+    _prepare,
+    _prepare_fake,
 )
 
 
 # ---------------------------------------------------------------------------- gram
-def _check_square(fn: str, m: int, like: torch.Tensor, **mats: torch.Tensor) -> None:
-    for name, mat in mats.items():
-        if mat.shape != (m, m) or mat.dtype != like.dtype or mat.device != like.device or not mat.is_contiguous():
-            raise ValueError(f"fastloss.{fn}: '{name}' must be a contiguous {like.dtype} ({m}, {m}) tensor on {like.device}")
-
-
 def _gram(device):
     def impl(h, sh, weight_rows, target, scaled, hg, mh):
         fn = "spherical_factored_gram"
         _check(fn, h, sh, weight_rows, target)
         m, k = target.shape
-        if scaled.shape != (m, k + 2) or scaled.dtype != h.dtype or not scaled.is_contiguous():
-            raise ValueError(f"fastloss.{fn}: 'scaled' must be a contiguous {h.dtype} tensor of shape ({m}, {k + 2})")
-        _check_square(fn, m, h, hg=hg, mh=mh)
+        for name, t in (("scaled", scaled), ("hg", hg), ("mh", mh)):
+            _check_matrix(fn, name, t, (m, k + 2) if name == "scaled" else (m, m), h)
         gram = L.empty((m, m), h.dtype, h.device)
         _launch(device, "gram", h, _problem(h, sh, weight_rows, target), scaled.data_ptr(), hg.data_ptr(), mh.data_ptr(),
                 gram.data_ptr())  # fmt: skip
@@ -167,12 +167,11 @@ def _gram_fake(h, sh, weight_rows, target, scaled, hg, mh):
     return h.new_empty((target.shape[0], target.shape[0]))
 
 
-gram = L.define_op(
-    "spherical_factored_gram",
+gram = _define(
+    "gram",
     "(Tensor h, Tensor sh, Tensor V, Tensor target, Tensor scaled, Tensor hg, Tensor mh) -> Tensor",
-    cpu=_gram("cpu"),
-    cuda=_gram("cuda"),
-    fake=_gram_fake,
+    _gram,
+    _gram_fake,
 )
 
 
@@ -182,8 +181,8 @@ def _scatter(device):
         fn = "spherical_factored_scatter_"
         _check(fn, h, sh, weight_rows, target)
         m, k = target.shape
-        if scaled.shape != (m, k + 2) or r.shape != h.shape or r.dtype != h.dtype or not r.is_contiguous():
-            raise ValueError(f"fastloss.{fn}: 'scaled' must be ({m}, {k + 2}) and 'r' like 'h'")
+        _check_matrix(fn, "scaled", scaled, (m, k + 2), h)
+        _check_matrix(fn, "r", r, tuple(h.shape), h)
         problem = _problem(h, sh, weight_rows, target)
         if device == "cpu":  # always deterministic: threads split the columns
             _launch(device, "scatter", h, problem, weight_rows.data_ptr(), scaled.data_ptr(), r.data_ptr(), lr)
@@ -200,12 +199,11 @@ def _scatter_fake(weight_rows, h, sh, target, scaled, r, lr, order):
     return None
 
 
-scatter_ = L.define_op(
-    "spherical_factored_scatter_",
+scatter_ = _define(
+    "scatter_",
     "(Tensor(a!) V, Tensor h, Tensor sh, Tensor target, Tensor scaled, Tensor r, float lr, Tensor? order) -> ()",
-    cpu=_scatter("cpu"),
-    cuda=_scatter("cuda"),
-    fake=_scatter_fake,
+    _scatter,
+    _scatter_fake,
 )
 
 
@@ -215,8 +213,7 @@ def _group(device):
         fn = "spherical_factored_group"
         _check(fn, h, sh, weight_rows, target)
         m, k = target.shape
-        if scaled.shape != (m, k + 2) or scaled.dtype != h.dtype or not scaled.is_contiguous():
-            raise ValueError(f"fastloss.{fn}: 'scaled' must be a contiguous {h.dtype} tensor of shape ({m}, {k + 2})")
+        _check_matrix(fn, "scaled", scaled, (m, k + 2), h)
         if order.shape != (m * k,) or order.dtype != torch.int64 or not order.is_contiguous() or order.device != h.device:
             raise ValueError(f"fastloss.{fn}: 'order' must be a contiguous int64 tensor of shape ({m * k},) on {h.device}")
         grouped = L.empty((m * k, h.shape[1]), h.dtype, h.device)
@@ -231,10 +228,9 @@ def _group_fake(h, sh, weight_rows, target, scaled, order):
     return h.new_empty((target.numel(), h.shape[1]))
 
 
-group = L.define_op(
-    "spherical_factored_group",
+group = _define(
+    "group",
     "(Tensor h, Tensor sh, Tensor V, Tensor target, Tensor scaled, Tensor order) -> Tensor",
-    cpu=_group("cpu"),
-    cuda=_group("cuda"),
-    fake=_group_fake,
+    _group,
+    _group_fake,
 )
