@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "common/dtype.h"
+#include "common/host_device.h"
 #include "common/stream.h"
 #include "spherical/spherical_heads.h"
 
@@ -36,6 +37,16 @@ struct FactoredProblem {
 };
 
 void validate_factored_problem(const FactoredProblem& p, const char* where);
+
+// Whether sample j has a target entry. A sample without one has zero partials and gets no gradient
+// even from a non-finite grad_loss (the mean over a batch with no target is 0/0, as in torch).
+FL_HD bool has_target(const FactoredProblem& p, int64_t j) {
+  for (int64_t k = 0; k < p.targets_per_sample; ++k) {
+    const int64_t c = p.target[j * p.targets_per_sample + k];
+    if (c >= 0 && c < p.classes) return true;
+  }
+  return false;
+}
 
 // ---- CPU -------------------------------------------------------------------
 // loss: m; partials: m x (K+2). Throws std::invalid_argument (before writing) on a bad class index.

@@ -72,7 +72,7 @@ void prepare_typed(const FactoredProblem& p, const T* partials, const T* grad_lo
   const T D = T(p.classes);
   parallel_for(p.samples, grain_for(d * (K + 1)), [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
-      const T g = grad_loss[j * grad_stride];
+      const T g = has_target(p, j) ? grad_loss[j * grad_stride] : T(0);
       const T* in = partials + j * (K + 2);
       T* out = scaled + j * (K + 2);
       T* y = ytilde + j * width;

@@ -86,7 +86,7 @@ __global__ void __launch_bounds__(kThreads)
   const int lane = threadIdx.x % 32;
   if (j >= p.samples) return;
   const int64_t d = p.features, K = p.targets_per_sample;
-  const T g = grad_loss[j * grad_stride];
+  const T g = has_target(p, j) ? grad_loss[j * grad_stride] : T(0);
   const T* in = partials + j * (K + 2);
   const int64_t* classes_of = p.target + j * K;
   const W* v = static_cast<const W*>(p.weight_rows);
@@ -202,6 +202,8 @@ void factored_gram_cuda(const FactoredProblem& p, const void* scaled, const void
                         int device, cudaStream_t stream) {
   validate_factored_problem(p, kGramName);
   if (p.samples == 0) return;
+  FL_CHECK_ARG(blocks_for(p.samples, kGramTile) <= 65535u, kGramName, ": the m x m form takes at most ",
+               65535 * kGramTile, " samples, got ", p.samples);
   CudaDeviceGuard guard(device);
   dispatch_factored_types(p, kGramName, [&](auto st, auto) {
     using T = typename decltype(st)::type;

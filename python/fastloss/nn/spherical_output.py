@@ -18,6 +18,7 @@ State (all buffers, so ``state_dict`` and ``.to()`` carry it):
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 
@@ -35,6 +36,15 @@ _LOSS_PARAMS = {  # loss -> (a, b, eps) used by the head, from the constructor's
 _STABLE_RANGE = (0.5, 2.0)  # singular values of U outside this range are reset to 1
 
 
+class _PendingStep:
+    """A training forward waiting for its backward (weakly held: a dropped graph stops counting)."""
+
+    __slots__ = ("version", "__weakref__")
+
+    def __init__(self, version: int) -> None:
+        self.version = version
+
+
 class _Step(torch.autograd.Function):
     """Forward: the loss of each sample. Backward: dL/dh, and (in training) the layer's SGD update."""
 
@@ -47,6 +57,9 @@ class _Step(torch.autograd.Function):
         ctx.layer = layer
         ctx.update = layer.training
         ctx.version = layer._version
+        if ctx.update:
+            ctx.token = _PendingStep(layer._version)
+            layer._pending.add(ctx.token)
         ctx.h_dtype = h.dtype
         ctx.save_for_backward(hs, sh, target, partials)
         return loss.to(L.accumulator_dtype(h.dtype))
@@ -60,6 +73,16 @@ class _Step(torch.autograd.Function):
                 "fastloss.SphericalOutputLayer: backward of a forward computed before the layer's last update; "
                 "call backward after each training forward (the update needs the state the forward saw)"
             )
+        if ctx.update:
+            waiting = sum(1 for token in layer._pending if token.version == ctx.version)
+            if waiting > 1:
+                raise RuntimeError(
+                    f"fastloss.SphericalOutputLayer: {waiting} training forwards of the same state are waiting for "
+                    "backward, but the factored update applies one batch at a time: call the layer once per backward "
+                    "(concatenate the batches), or run forwards that are not trained on in eval mode; the layer's "
+                    "state is unchanged"
+                )
+            layer._pending.discard(ctx.token)
         grad_loss = grad_loss.to(hs.dtype).contiguous()
         ytilde, scaled, coef = ops.prepare(hs, sh, layer.V, target, partials, grad_loss)
         grad_h = torch.mm(ytilde, layer.packed)
@@ -154,14 +177,23 @@ class SphericalOutputLayer(torch.nn.Module):
         self._head_params = _LOSS_PARAMS[loss](a, b, eps)
         self.reduction = Val.reduction(fn, reduction)
         self.ignore_index = Val.integer(fn, "ignore_index", ignore_index)
+        if 0 <= self.ignore_index < num_classes:
+            raise ValueError(
+                f"fastloss.{fn}: argument 'ignore_index' must be < 0 or >= num_classes ({num_classes}), got "
+                f"{ignore_index}: it marks padding entries, and a class index would be both trained and ignored"
+            )
         self.stabilize_every = Val.integer(fn, "stabilize_every", stabilize_every)
         self.refresh_every = Val.integer(fn, "refresh_every", refresh_every)
+        for name, value in (("stabilize_every", stabilize_every), ("refresh_every", refresh_every)):
+            if value < 0:
+                raise ValueError(f"fastloss.{fn}: argument '{name}' must be >= 0 (0 turns it off), got {value}")
         self.state_dtype = state_dtype
         self.process_group = process_group
         self.deterministic = deterministic
         self.check_stability = bool(check_stability)
         self._version = 0  # bumped by every change of the state; a backward checks it
         self._host_steps = 0
+        self._pending = weakref.WeakSet()  # tokens of training forwards whose backward has not run
         self._inverse_path = "auto"  # "woodbury" or "solve" force one form of the U^-T update (tests)
         self._inverse_method = "auto"  # "lu" forces the LU solve over Newton-Schulz (tests)
         self._q_update = "auto"  # "gram" (m x m M) or "gram_free" forces one form of the Q update (tests)
@@ -275,6 +307,8 @@ class SphericalOutputLayer(torch.nn.Module):
             Val.same_device(fn, h=h, target_weight=target_weight)
             weight2 = target_weight.reshape(target2.shape).to(self.state_dtype).contiguous()
         target2 = target2.contiguous()
+        if target2.numel() >= 2**31:
+            raise ValueError(f"fastloss.{fn}: at most 2**31 - 1 target entries a step, got {target2.numel()}")
         if target2.numel() and (not target2.is_cuda or L.may_inspect_values(target2)):
             bad = ((target2 < 0) | (target2 >= self.num_classes)) & (target2 != self.ignore_index)
             if bool(bad.any()):
@@ -307,7 +341,7 @@ class SphericalOutputLayer(torch.nn.Module):
             x = torch.mm(hs, hs.t()).mul_(c.unsqueeze(0))
         else:
             x = torch.mm(hs.t(), two_gq_h).mul_(eta)
-        iterations = self._plan_inverse(hs, gq, eta, x)
+        iterations = self._plan_inverse(hs, gq, eta, x, (ytilde, scaled))
         if woodbury:
             z = inverse.solve_near_identity(x, hs, iterations).mul_(c.unsqueeze(1))
             old_rows = torch.mm(hs, self.u_inv_t.t())  # rows U^-T h_j, before the in-place update below
@@ -374,28 +408,36 @@ class SphericalOutputLayer(torch.nn.Module):
         deterministic = torch.are_deterministic_algorithms_enabled() if self.deterministic is None else self.deterministic
         return torch.sort(target.reshape(-1), stable=True).indices if deterministic else None
 
-    def _plan_inverse(self, hs: torch.Tensor, gq: torch.Tensor, eta: float, x: torch.Tensor) -> int | None:
-        """The guard (raise if 2 eta lambda_max(h^T diag(gq) h) >= 1) and the Newton-Schulz iteration
-        count for (I - X)^-1 (None: LU), from one host read of ||X||_F and the guard's bound."""
-        if self._inverse_method == "lu":
-            return None
+    def _plan_inverse(self, hs, gq, eta: float, x: torch.Tensor, inputs: tuple) -> int | None:
+        """Checks the step before any state changes and picks the Newton-Schulz iteration count for
+        (I - X)^-1 (None: LU), from one host read: ||X||_F, the sum of |inputs| (every value the update
+        reads: non-finite h, target_weight or grad_output must not reach the state) and the guard's
+        bound. The guard raises if 2 eta lambda_max(h^T diag(max(gq, 0)) h) >= 1, an upper bound of
+        the 2 eta lambda_max(h^T diag(gq) h) that would make U singular at 1."""
         if hs.is_cuda and not L.may_inspect_values(hs):  # CUDA-graph capture: no host reads
             torch.maximum(self._captured_bound, torch.linalg.matrix_norm(x), out=self._captured_bound)
-            return inverse.CAPTURED_ITERATIONS
-        bound = torch.linalg.matrix_norm(x)
-        if self.check_stability:
-            gram = inverse.positive_part_gram(hs, gq, eta)
-            bound, frobenius = torch.stack([bound, torch.linalg.matrix_norm(gram)]).tolist()
-            if frobenius >= 1.0:  # Frobenius >= lambda_max: the exact value only when near the edge
-                lam = float(torch.linalg.eigvalsh(gram)[-1])
-                if lam >= 1.0:
-                    raise RuntimeError(
-                        f"fastloss.SphericalOutputLayer: this step would make U singular: 2 * lr * "
-                        f"lambda_max(h^T diag(dL/dq) h) = {lam:.4g} >= 1. Lower lr (now {self.lr}) or the scale of h; "
-                        "the layer's state is unchanged"
-                    )
-        else:
-            bound = float(bound)
+            return None if self._inverse_method == "lu" else inverse.CAPTURED_ITERATIONS
+        checks = [torch.linalg.matrix_norm(x), sum(t.abs().sum() for t in inputs)]
+        gram = inverse.positive_part_gram(hs, gq, eta) if self.check_stability else None
+        if gram is not None:
+            checks.append(torch.linalg.matrix_norm(gram))
+        values = torch.stack(checks).tolist()
+        bound = values[0]
+        if not (math.isfinite(bound) and math.isfinite(values[1])):
+            raise RuntimeError(
+                "fastloss.SphericalOutputLayer: non-finite values in this step (in h, target_weight or the gradient "
+                "of the loss); the layer's state is unchanged"
+            )
+        if gram is not None and not values[2] < 1.0:  # Frobenius >= lambda_max: the exact value only near the edge
+            lam = float(torch.linalg.eigvalsh(gram)[-1])
+            if not lam < 1.0:
+                raise RuntimeError(
+                    f"fastloss.SphericalOutputLayer: this step could make U singular: 2 * lr * lambda_max(h^T "
+                    f"diag(max(dL/dq, 0)) h) = {lam:.4g} >= 1. Lower lr (now {self.lr}) or the scale of h; the layer's "
+                    "state is unchanged"
+                )
+        if self._inverse_method == "lu":
+            return None
         return inverse.iterations_for(bound, hs.dtype) if bound < inverse.MAX_NEWTON_BOUND else None
 
     def _after_update(self) -> None:
