@@ -8,8 +8,9 @@ the step), so it is inverted by Newton-Schulz from the second-order Neumann gues
     Y_0 = I + X,  Y_{k+1} = Y_k (2I - (I - X) Y_k),  residual I - (I - X) Y_k = X^(2^(k+1)),
 two GEMMs an iteration (in the product form of solve_near_identity). With b = ||X||_F known (eager, one host read shared with the guard) the
 iteration count is the smallest that makes b^(2^(k+1)) vanish in the state dtype, and b >= 1/2
-falls back to LU. Under CUDA-graph capture (no host reads) it runs a fixed count and records the
-bound of the residual it left, which ``SphericalOutputLayer.check()`` reports.
+falls back to LU. Without a host read (CUDA-graph capture, or check_stability=False on CUDA) it runs
+a fixed count and records the bound of the residual it left, which ``SphericalOutputLayer.check()``
+reports.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import math
 import torch
 
 MAX_NEWTON_BOUND = 0.5  # above this ||X||_F, eager steps use LU instead
-CAPTURED_ITERATIONS = 3  # under capture: exact in float64 for ||X||_F <= 0.09 (Z-loss at large D: ~1e-6)
+UNCHECKED_ITERATIONS = 3  # without a host read (capture, or check_stability=False on CUDA): exact in float64 for ||X||_F <= 0.09 (Z-loss at large D: ~1e-6)
 
 
 def iterations_for(bound: float, dtype: torch.dtype) -> int:

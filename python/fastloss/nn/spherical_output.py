@@ -122,7 +122,11 @@ class SphericalOutputLayer(torch.nn.Module):
             Every rank must call the layer with the same batch shape.
         deterministic: scatter into V without atomics (CUDA); default: ``torch.are_deterministic_algorithms_enabled()``.
         check_stability: before each update, raise if 2 lr lambda_max(h^T diag(dL/dq) h) >= 1 (U would
-            become singular). Costs one host sync per step; skipped under CUDA-graph capture.
+            become singular) or if a value the update reads is not finite, and fit the Newton-Schulz
+            iteration count of the U^-T update to the step. Costs one host read per step. Off (and
+            always under CUDA-graph capture), a CUDA step reads nothing back: it runs a fixed count and
+            records its residual bound for ``check()``; with ``fastloss.set_target_checks(False)`` too,
+            an eager CUDA step never waits for the GPU.
 
     ``loss = layer(h, target)`` (``h``: (..., d); ``target``: (...) or (..., K) int64, with an optional
     ``target_weight`` of the target's shape: the target values for "mse", per-entry weights otherwise).
@@ -211,8 +215,9 @@ class SphericalOutputLayer(torch.nn.Module):
         self.register_buffer("packed", torch.zeros(ops.packed_width(d), d, dtype=state_dtype, device=device))
         self.register_buffer("u_inv_t", torch.eye(d, dtype=state_dtype, device=device))
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64, device=device))
-        # Largest ||X||_F of a U^-T update run under CUDA-graph capture (check() turns it into a residual bound).
-        self.register_buffer("_captured_bound", torch.zeros((), dtype=state_dtype, device=device), persistent=False)
+        # Largest ||X||_F of a U^-T update made without a host read (CUDA-graph capture, or check_stability=False
+        # on CUDA); check() turns it into a bound on the residual those updates left.
+        self.register_buffer("_unchecked_bound", torch.zeros((), dtype=state_dtype, device=device), persistent=False)
         self._reset_factorization(refresh=True)
 
     # ------------------------------------------------------------------ views of the packed state
@@ -414,9 +419,9 @@ class SphericalOutputLayer(torch.nn.Module):
         reads: non-finite h, target_weight or grad_output must not reach the state) and the guard's
         bound. The guard raises if 2 eta lambda_max(h^T diag(max(gq, 0)) h) >= 1, an upper bound of
         the 2 eta lambda_max(h^T diag(gq) h) that would make U singular at 1."""
-        if hs.is_cuda and not L.may_inspect_values(hs):  # CUDA-graph capture: no host reads
-            torch.maximum(self._captured_bound, torch.linalg.matrix_norm(x), out=self._captured_bound)
-            return None if self._inverse_method == "lu" else inverse.CAPTURED_ITERATIONS
+        if hs.is_cuda and not (self.check_stability and L.may_inspect_values(hs)):  # no host read on CUDA
+            torch.maximum(self._unchecked_bound, torch.linalg.matrix_norm(x), out=self._unchecked_bound)
+            return None if self._inverse_method == "lu" else inverse.UNCHECKED_ITERATIONS
         checks = [torch.linalg.matrix_norm(x), sum(t.abs().sum() for t in inputs)]
         gram = inverse.positive_part_gram(hs, gq, eta) if self.check_stability else None
         if gram is not None:
@@ -566,7 +571,7 @@ class SphericalOutputLayer(torch.nn.Module):
     @torch.no_grad()
     def check(self) -> dict:
         """Relative drift of the invariants: Q vs W^T W, wbar vs W^T 1, U (U^-T)^T vs I (O(D d^2)), and the
-        largest residual bound of a U^-T update made under CUDA-graph capture (0 when none was)."""
+        largest residual bound of a U^-T update made without a host read (0 when none was)."""
         w = self.weight
         gram = torch.mm(w.t(), w)
         eye = torch.eye(self.in_features, dtype=self.state_dtype, device=w.device)
@@ -578,5 +583,5 @@ class SphericalOutputLayer(torch.nn.Module):
             "q": rel(self.Q, gram),
             "wbar": rel(self.wbar, w.sum(0)),
             "inverse": float((torch.mm(self.U, self.u_inv_t.t()) - eye).norm() / math.sqrt(self.in_features)),
-            "captured_inverse_residual": float(self._captured_bound) ** (2 ** (inverse.CAPTURED_ITERATIONS + 1)),
+            "unchecked_inverse_residual": float(self._unchecked_bound) ** (2 ** (inverse.UNCHECKED_ITERATIONS + 1)),
         }
