@@ -357,11 +357,13 @@ class SphericalOutputLayer(torch.nn.Module):
         # The m x m-free form needs fewer FLOPs from m ~ 2d, but on an H100 at d = 512, m = 1024 it was
         # slower (0.46 against 0.41 ms a captured step: its d x d GEMMs fill few SMs, plus a sort), so
         # it takes over only from m = 4d.
+        order = None  # the entries sorted by class, when a step needs them
         if self._q_update == "gram" or (self._q_update == "auto" and m < 4 * d):
             quad = self._gram_term(hs, sh, target, scaled, grad_h, eta)
             Q.addmm_(hs.t(), quad).addmm_(grad_h.t(), hs, alpha=-eta)
         else:
-            hmh = self._gram_free_term(hs, sh, target, scaled, ytilde, grad_h)
+            order = torch.sort(target.reshape(-1), stable=True).indices
+            hmh = self._gram_free_term(hs, sh, target, scaled, ytilde, grad_h, order)
             Q.addmm_(grad_h.t(), hs, alpha=-eta).addmm_(hs.t(), grad_h, alpha=-eta).add_(hmh, alpha=eta * eta)
         # U <- U (I - 2 eta P) = U - eta (U h)^T-rows x (2 gq h);  omega, wbar <- - eta coef^T h.
         self.U.addmm_(sh[:, :d].t(), two_gq_h, alpha=-eta)
@@ -372,7 +374,7 @@ class SphericalOutputLayer(torch.nn.Module):
             self.u_inv_t.copy_(new_u_inv_t)
         # V[C] -= eta ydot (U_new^-T h)^T
         r = torch.mm(hs, self.u_inv_t.t())
-        ops.scatter_(self.V, hs, sh, target, scaled, r, eta, self._scatter_order(target))
+        ops.scatter_(self.V, hs, sh, target, scaled, r, eta, self._scatter_order(target, order))
         if decay != 1.0:
             self.packed[: d + 2].mul_(decay)
             Q.mul_(decay * decay)
@@ -380,14 +382,14 @@ class SphericalOutputLayer(torch.nn.Module):
         self._after_update()
 
     def _gram_term(self, hs, sh, target, scaled, grad_h, eta):
-        """eta^2 M h - eta gradH (rows), with the m x m M from the kernel: O(m^2 d) (m < 2d)."""
+        """eta^2 M h - eta gradH (rows), with the m x m M from the kernel: O(m^2 d) (m < 4d)."""
         d = self.in_features
         hg = torch.mm(hs, grad_h.t())
         mh = torch.mm(hs, sh[:, d + 2 :].t())
         gram = ops.gram(hs, sh, self.V, target, scaled, hg, mh)
         return torch.addmm(grad_h, gram, hs, beta=-eta, alpha=eta * eta)
 
-    def _gram_free_term(self, hs, sh, target, scaled, ytilde, grad_h):
+    def _gram_free_term(self, hs, sh, target, scaled, ytilde, grad_h, order):
         """H M H^T without an m x m matrix, O(m d^2 + d^3) (m >= 4d). In rows form, with G H^T =
         R + 1 u^T + 2 W P (R = Ydot H^T, nonzero on the target rows; u = H gs; P = H diag(gq) H^T):
         H M H^T = R^T R + D u u^T + v u^T + u v^T + 4 P Q P + 2 B^T P + 2 P B, where v = H ybar and
@@ -395,7 +397,6 @@ class SphericalOutputLayer(torch.nn.Module):
         d = self.in_features
         two_gq_h = ytilde[:, d + 2 :]
         gs, ybar = ytilde[:, d + 1], ytilde[:, d]
-        order = torch.sort(target.reshape(-1), stable=True).indices
         grouped = ops.group(hs, sh, self.V, target, scaled, order)  # the rows of R, one per class (others 0)
         u, v = torch.mv(hs.t(), gs), torch.mv(hs.t(), ybar)
         p = torch.mm(hs.t(), two_gq_h).mul_(0.5)
@@ -407,11 +408,14 @@ class SphericalOutputLayer(torch.nn.Module):
         out.add_(b_p, alpha=2.0).add_(b_p.t(), alpha=2.0)
         return out
 
-    def _scatter_order(self, target: torch.Tensor) -> torch.Tensor | None:
+    def _scatter_order(self, target: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor | None:
+        """The sorted entries for a deterministic CUDA scatter (reusing ``order`` when the step has it)."""
         if not target.is_cuda:
             return None
         deterministic = torch.are_deterministic_algorithms_enabled() if self.deterministic is None else self.deterministic
-        return torch.sort(target.reshape(-1), stable=True).indices if deterministic else None
+        if not deterministic:
+            return None
+        return order if order is not None else torch.sort(target.reshape(-1), stable=True).indices
 
     def _plan_inverse(self, hs, gq, eta: float, x: torch.Tensor, inputs: tuple) -> int | None:
         """Checks the step before any state changes and picks the Newton-Schulz iteration count for
