@@ -7,9 +7,12 @@
 # bench_cpp.json and summary.txt (the last lines of each step and its exit code).
 # GPU_CHECK_STAGES (default "build,test,sanitizer,bench") runs a subset, so that the check can be
 # split over two calls of a time-limited GPU machine (the build persists while the machine is warm).
+# GPU_CHECK_FAMILY (e.g. "quant") limits the tests, the sanitizer run and both benchmarks to one
+# family's files and cases, for the check of an issue that touches only that family.
 set -uo pipefail
 STAGES=",${GPU_CHECK_STAGES:-build,test,sanitizer,bench},"
 want() { [[ "$STAGES" == *",$1,"* ]]; }
+FAMILY=${GPU_CHECK_FAMILY:-}
 OUT=${1:?usage: scripts/gpu_check.sh OUTDIR}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -43,7 +46,7 @@ TESTS=$(pwd)/tests
 if want test; then
   # One pytest process a test file, so that a crash in one file cannot hide the results of the others.
   : >"$OUT/pytest.log"
-  for file in "$TESTS"/test_*.py; do
+  for file in "$TESTS"/test_${FAMILY}*.py; do
     (cd "$OUT" && "$PY" -m pytest -q -p no:cacheprovider "$file" >>"$OUT/pytest.log" 2>&1)
     record "pytest $(basename "$file") (CUDA included)" $?
     tail -n 1 "$OUT/pytest.log" >>"$SUMMARY"
@@ -52,15 +55,15 @@ fi
 
 if want sanitizer; then
   (cd "$OUT" && compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 20 \
-    "$PY" -m pytest -q -p no:cacheprovider -x -k "cuda and not compile" "$TESTS" >"$OUT/sanitizer.log" 2>&1)
+    "$PY" -m pytest -q -p no:cacheprovider -x -k "cuda and not compile" "$TESTS"/test_${FAMILY}*.py >"$OUT/sanitizer.log" 2>&1)
   record "compute-sanitizer memcheck (CUDA tests)" $?
   grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitizer.log" | tail -n 3 >>"$SUMMARY"
 fi
 
 if want bench; then
-  (cd "$OUT" && "$PY" -m fastloss.bench --json "$OUT/bench_python.json" >>"$SUMMARY" 2>&1)
+  (cd "$OUT" && "$PY" -m fastloss.bench --filter "$FAMILY" --json "$OUT/bench_python.json" >>"$SUMMARY" 2>&1)
   record "python benchmark" $?
-  ./build/gpu-bench/fastloss_bench --json "$OUT/bench_cpp.json" >>"$SUMMARY" 2>&1
+  ./build/gpu-bench/fastloss_bench --filter "$FAMILY" --json "$OUT/bench_cpp.json" >>"$SUMMARY" 2>&1
   record "C++ benchmark" $?
 fi
 cat "$SUMMARY"

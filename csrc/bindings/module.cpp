@@ -12,6 +12,7 @@
 #include "common/dtype.h"
 #include "common/parallel.h"
 #include "common/thread_pool.h"
+#include "quant/quant_kernels.h"
 #include "spherical/dense_loss.h"
 #include "spherical/factored_layer.h"
 
@@ -221,6 +222,111 @@ void bind_spherical_factored(py::module_& m) {
 #endif
 }
 
+// ---- quant family: mixed 2/4-bit weights -----------------------------------
+void bind_quant(py::module_& m) {
+  using namespace fl::quant;
+  const auto no_gil = py::call_guard<py::gil_scoped_release>();
+  m.attr("quant_format_version") = kFormatVersion;
+  py::class_<PackedShape>(m, "QuantPackedShape")
+      .def(py::init(&make_packed_shape), py::arg("rows"), py::arg("cols"), py::arg("group_size"), py::arg("side_groups"))
+      .def_readonly("rows", &PackedShape::rows)
+      .def_readonly("cols", &PackedShape::cols)
+      .def_readonly("group_size", &PackedShape::group_size)
+      .def_readonly("rows_padded", &PackedShape::rows_padded)
+      .def_readonly("groups", &PackedShape::groups)
+      .def_readonly("k_words", &PackedShape::k_words)
+      .def_readonly("side_groups", &PackedShape::side_groups)
+      .def_readonly("side_k_words", &PackedShape::side_k_words)
+      .def_property_readonly("main_words", &PackedShape::main_words)
+      .def_property_readonly("side_words", &PackedShape::side_words)
+      .def("validate", [](const PackedShape& s, const std::string& op) { validate_packed_shape(s, op.c_str()); });
+  py::class_<PackedWeight>(m, "QuantPackedWeight")
+      .def(py::init([](const PackedShape& shape, uintptr_t main, uintptr_t side, uintptr_t side_index, uintptr_t scales,
+                       int scale_dtype, uintptr_t zeros) {
+        PackedWeight w;
+        w.shape = shape;
+        w.main = as_ptr<const uint32_t>(main);
+        w.side = as_ptr<const uint32_t>(side);
+        w.side_index = as_ptr<const int32_t>(side_index);
+        w.scales = as_ptr<const void>(scales);
+        w.scale_dtype = fl::dtype_from_code(scale_dtype, "fastloss.quant");
+        w.zeros = as_ptr<const uint8_t>(zeros);
+        return w;
+      }));
+  auto problem = [](const PackedWeight& w, int dtype, uintptr_t x, int64_t rows, int64_t ldx, uintptr_t bias,
+                    uintptr_t y, int64_t ldy) {
+    MatmulProblem p;
+    p.weight = w;
+    p.dtype = fl::dtype_from_code(dtype, "fastloss.quant.matmul");
+    p.x = as_ptr<const void>(x);
+    p.rows = rows;
+    p.ldx = ldx;
+    p.bias = as_ptr<const void>(bias);
+    p.y = as_ptr(y);
+    p.ldy = ldy;
+    return p;
+  };
+  m.def(
+      "quant_pack_cpu",
+      [](const PackedShape& s, uintptr_t side_index, uintptr_t codes, int64_t ld, uintptr_t main, uintptr_t side) {
+        pack_codes_cpu(s, as_ptr<const int32_t>(side_index), as_ptr<const uint8_t>(codes), ld, as_ptr<uint32_t>(main),
+                       as_ptr<uint32_t>(side));
+      },
+      no_gil);
+  m.def(
+      "quant_unpack_cpu",
+      [](const PackedShape& s, uintptr_t side_index, uintptr_t main, uintptr_t side, uintptr_t codes) {
+        unpack_codes_cpu(s, as_ptr<const int32_t>(side_index), as_ptr<const uint32_t>(main),
+                         as_ptr<const uint32_t>(side), as_ptr<uint8_t>(codes));
+      },
+      no_gil);
+  m.def(
+      "quant_dequantize_cpu",
+      [](const PackedWeight& w, int out_dtype, uintptr_t out) {
+        dequantize_cpu(w, fl::dtype_from_code(out_dtype, "fastloss.quant.dequantize"), as_ptr(out));
+      },
+      no_gil);
+  m.def(
+      "quant_matmul_cpu",
+      [problem](const PackedWeight& w, int dtype, uintptr_t x, int64_t rows, int64_t ldx, uintptr_t bias, uintptr_t y,
+                int64_t ldy) { matmul_cpu(problem(w, dtype, x, rows, ldx, bias, y, ldy)); },
+      no_gil);
+#if defined(FASTLOSS_WITH_CUDA)
+  m.def(
+      "quant_pack_cuda",
+      [](const PackedShape& s, uintptr_t side_index, uintptr_t codes, int64_t ld, uintptr_t main, uintptr_t side,
+         int device, uintptr_t stream) {
+        pack_codes_cuda(s, as_ptr<const int32_t>(side_index), as_ptr<const uint8_t>(codes), ld, as_ptr<uint32_t>(main),
+                        as_ptr<uint32_t>(side), device, as_stream(stream));
+      },
+      no_gil);
+  m.def(
+      "quant_unpack_cuda",
+      [](const PackedShape& s, uintptr_t side_index, uintptr_t main, uintptr_t side, uintptr_t codes, int device,
+         uintptr_t stream) {
+        unpack_codes_cuda(s, as_ptr<const int32_t>(side_index), as_ptr<const uint32_t>(main),
+                          as_ptr<const uint32_t>(side), as_ptr<uint8_t>(codes), device, as_stream(stream));
+      },
+      no_gil);
+  m.def(
+      "quant_dequantize_cuda",
+      [](const PackedWeight& w, int out_dtype, uintptr_t out, int device, uintptr_t stream) {
+        dequantize_cuda(w, fl::dtype_from_code(out_dtype, "fastloss.quant.dequantize"), as_ptr(out), device,
+                        as_stream(stream));
+      },
+      no_gil);
+  m.def("quant_matmul_cuda_workspace_bytes", &matmul_cuda_workspace_bytes, no_gil);
+  m.def(
+      "quant_matmul_cuda",
+      [problem](const PackedWeight& w, int dtype, uintptr_t x, int64_t rows, int64_t ldx, uintptr_t bias, uintptr_t y,
+                int64_t ldy, uintptr_t workspace, int64_t workspace_bytes, int device, uintptr_t stream) {
+        matmul_cuda(problem(w, dtype, x, rows, ldx, bias, y, ldy), as_ptr(workspace), workspace_bytes, device,
+                    as_stream(stream));
+      },
+      no_gil);
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -229,4 +335,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_cpu_thread_limit", &fl::set_cpu_thread_limit, "Caps the threads of the CPU kernels.");
   bind_spherical(m);
   bind_spherical_factored(m);
+  bind_quant(m);
 }

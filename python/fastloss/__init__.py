@@ -23,7 +23,8 @@ __all__ = ["nn", "build_info", "set_target_checks", "poison_outputs", "HAS_CUDA_
 
 # Every family's functional API becomes fastloss.<fn>.
 for _family in _families.import_all(""):
-    for _name in _family.__all__:
+    # A family may keep its names in its own namespace (fastloss.quant.matmul) with __fastloss_exports__.
+    for _name in getattr(_family, "__fastloss_exports__", _family.__all__):
         globals()[_name] = getattr(_family, _name)
         __all__.append(_name)
 

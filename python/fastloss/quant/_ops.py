@@ -1,0 +1,251 @@
+"""Ops of the mixed 2/4-bit weight format (``csrc/quant/``), one per kernel:
+
+``quant_pack``        codes (N, K) uint8 -> the main and side word arrays.
+``quant_unpack``      the inverse (for checks and for re-quantization).
+``quant_dequantize``  the dense (N, K) weight, bit-exact between CPU and CUDA.
+``quant_matmul``      y = x W^T + bias for a 2-D x, differentiable in x and bias.
+
+The word arrays are int32 tensors holding the uint32 words of ``csrc/quant/packed_layout.h``.
+The ops check their own contract; ``fastloss.quant`` and ``QuantizedWeight`` check the public
+arguments. The kernels' choice by shape is in one place: ``_matmul_cuda`` below (above
+``DENSE_ROWS`` rows of x, dequantize once and let cuBLAS run at full tensor-core rate) and
+``plan_launch`` in ``csrc/quant/matmul_cuda.cu`` (tile height and split-K).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _C
+from .. import _library as L
+
+HALF_TYPES = (torch.float16, torch.bfloat16)
+CPU_TYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# From this many rows of x on, CUDA dequantizes into a dense weight and calls cuBLAS: the
+# weight's bytes no longer dominate, and cuBLAS's tensor-core GEMM beats mma.sync with
+# in-register dequantization (bench/results: the quant M sweep on the H100).
+DENSE_ROWS = 128
+
+
+def packed_shape(rows: int, cols: int, group_size: int, side_groups: int):
+    return _C.QuantPackedShape(rows, cols, group_size, side_groups)
+
+
+def side_groups_of(shape_rows: int, cols: int, group_size: int, side: torch.Tensor) -> int:
+    """The number of 4-bit K-blocks, from the size of the side array."""
+    base = packed_shape(shape_rows, cols, group_size, 1)
+    per_group = base.side_words
+    return side.numel() // per_group if per_group else 0
+
+
+def _packed_weight(shape, main, side, side_index, scales, zeros):
+    return _C.QuantPackedWeight(
+        shape, main.data_ptr(), side.data_ptr(), side_index.data_ptr(), scales.data_ptr(), L.DTYPE_CODES[scales.dtype],
+        zeros.data_ptr(),
+    )  # fmt: skip
+
+
+def _check_arrays(fn, main, side, side_index, rows, cols, group_size, scales=None, zeros=None):
+    """The op contract on the packed arrays; returns the packed shape."""
+    groups_4bit = side_groups_of(rows, cols, group_size, side)
+    shape = packed_shape(rows, cols, group_size, groups_4bit)
+    shape.validate(f"fastloss.{fn}")
+    expect = [
+        ("main", main, torch.int32, (shape.main_words,)),
+        ("side", side, torch.int32, (shape.side_words,)),
+        ("side_index", side_index, torch.int32, (shape.groups,)),
+    ]
+    if scales is not None:
+        expect.append(("zeros", zeros, torch.uint8, (shape.groups, shape.rows_padded)))
+        if scales.dtype not in HALF_TYPES or tuple(scales.shape) != (shape.groups, shape.rows_padded):
+            raise ValueError(f"fastloss.{fn}: 'scales' must be float16 or bfloat16 of shape {(shape.groups, shape.rows_padded)}")
+    for name, t, dtype, size in expect:
+        if t.dtype != dtype or tuple(t.shape) != size or not t.is_contiguous():
+            raise ValueError(f"fastloss.{fn}: '{name}' must be a contiguous {dtype} tensor of shape {size}, got "
+                             f"{t.dtype} {tuple(t.shape)}")  # fmt: skip
+    tensors = [main, side, side_index] + ([scales, zeros] if scales is not None else [])
+    if len({t.device for t in tensors}) != 1:
+        raise ValueError(f"fastloss.{fn}: all packed arrays must be on one device")
+    return shape
+
+
+# ---- pack / unpack ------------------------------------------------------------------------------
+def _pack(device: str):
+    def impl(codes, side_index, group_size, side_groups):
+        if codes.dtype != torch.uint8 or codes.dim() != 2 or codes.stride(1) != 1:
+            raise ValueError("fastloss.quant_pack: 'codes' must be a 2-D uint8 tensor with unit column stride")
+        rows, cols = codes.shape
+        shape = packed_shape(rows, cols, group_size, side_groups)
+        shape.validate("fastloss.quant_pack")
+        if side_index.dtype != torch.int32 or tuple(side_index.shape) != (shape.groups,) or side_index.device != codes.device:
+            raise ValueError(f"fastloss.quant_pack: 'side_index' must be int32 of shape ({shape.groups},) on {codes.device}")
+        side_index = side_index.contiguous()
+        main = torch.empty(shape.main_words, dtype=torch.int32, device=codes.device)
+        side = torch.empty(shape.side_words, dtype=torch.int32, device=codes.device)
+        args = (shape, side_index.data_ptr(), codes.data_ptr(), codes.stride(0), main.data_ptr(), side.data_ptr())
+        if device == "cpu":
+            L.sync_cpu_threads()
+            _C.quant_pack_cpu(*args)
+        else:
+            with L.on_device(codes):
+                _C.quant_pack_cuda(*args, codes.device.index, L.cuda_stream(codes))
+        return main, side
+
+    return impl
+
+
+def _pack_fake(codes, side_index, group_size, side_groups):
+    shape = packed_shape(codes.shape[0], codes.shape[1], group_size, side_groups)
+    return (codes.new_empty(shape.main_words, dtype=torch.int32), codes.new_empty(shape.side_words, dtype=torch.int32))
+
+
+quant_pack = L.define_op(
+    "quant_pack",
+    "(Tensor codes, Tensor side_index, int group_size, int side_groups) -> (Tensor, Tensor)",
+    cpu=_pack("cpu"), cuda=_pack("cuda"), fake=_pack_fake,
+)  # fmt: skip
+
+
+def _unpack(device: str):
+    def impl(main, side, side_index, rows, cols, group_size):
+        shape = _check_arrays("quant_unpack", main, side, side_index, rows, cols, group_size)
+        codes = torch.empty((rows, cols), dtype=torch.uint8, device=main.device)
+        args = (shape, side_index.data_ptr(), main.data_ptr(), side.data_ptr(), codes.data_ptr())
+        if device == "cpu":
+            L.sync_cpu_threads()
+            _C.quant_unpack_cpu(*args)
+        else:
+            with L.on_device(main):
+                _C.quant_unpack_cuda(*args, main.device.index, L.cuda_stream(main))
+        return codes
+
+    return impl
+
+
+quant_unpack = L.define_op(
+    "quant_unpack",
+    "(Tensor main, Tensor side, Tensor side_index, int rows, int cols, int group_size) -> Tensor",
+    cpu=_unpack("cpu"), cuda=_unpack("cuda"),
+    fake=lambda main, side, side_index, rows, cols, group_size: main.new_empty((rows, cols), dtype=torch.uint8),
+)  # fmt: skip
+
+
+# ---- dequantize ---------------------------------------------------------------------------------
+def _dequantize(device: str):
+    def impl(main, side, side_index, scales, zeros, rows, cols, group_size, dtype):
+        shape = _check_arrays("quant_dequantize", main, side, side_index, rows, cols, group_size, scales, zeros)
+        if dtype not in L.DTYPE_CODES:
+            raise ValueError(f"fastloss.quant_dequantize: 'dtype' must be a floating type, got {dtype}")
+        out = L.empty((rows, cols), dtype, main.device)
+        weight = _packed_weight(shape, main, side, side_index, scales, zeros)
+        if device == "cpu":
+            L.sync_cpu_threads()
+            _C.quant_dequantize_cpu(weight, L.DTYPE_CODES[dtype], out.data_ptr())
+        else:
+            with L.on_device(main):
+                _C.quant_dequantize_cuda(weight, L.DTYPE_CODES[dtype], out.data_ptr(), main.device.index, L.cuda_stream(main))
+        return out
+
+    return impl
+
+
+quant_dequantize = L.define_op(
+    "quant_dequantize",
+    "(Tensor main, Tensor side, Tensor side_index, Tensor scales, Tensor zeros, int rows, int cols, int group_size, "
+    "ScalarType dtype) -> Tensor",
+    cpu=_dequantize("cpu"), cuda=_dequantize("cuda"),
+    fake=lambda main, side, side_index, scales, zeros, rows, cols, group_size, dtype: main.new_empty((rows, cols), dtype=dtype),
+)  # fmt: skip
+
+
+# ---- matmul -------------------------------------------------------------------------------------
+def _check_matmul(x, bias, shape, scales, device: str):
+    fn = "fastloss.quant_matmul"
+    if x.dim() != 2 or x.shape[1] != shape.cols:
+        raise ValueError(f"{fn}: 'x' must be 2-D with {shape.cols} columns, got {tuple(x.shape)}")
+    allowed = CPU_TYPES if device == "cpu" else (scales.dtype,)
+    if x.dtype not in allowed:
+        raise ValueError(f"{fn}: 'x' must be one of {allowed} on {x.device}, got {x.dtype}")
+    if x.device != scales.device:
+        raise ValueError(f"{fn}: 'x' is on {x.device} but the weight is on {scales.device}")
+    if bias is not None and (bias.shape != (shape.rows,) or bias.dtype != x.dtype or bias.device != x.device):
+        raise ValueError(f"{fn}: 'bias' must be a {x.dtype} vector of {shape.rows} on {x.device}")
+
+
+def _kernel_x(x: torch.Tensor, device: str) -> torch.Tensor:
+    """x as the kernel reads it: unit column stride; on CUDA also 16-byte aligned rows."""
+    if device == "cpu":
+        return x if x.stride(1) == 1 and x.stride(0) >= x.shape[1] else x.contiguous()
+    row_ok = x.stride(1) == 1 and x.stride(0) % 8 == 0 and x.stride(0) >= x.shape[1]
+    if row_ok and x.data_ptr() % 16 == 0:
+        return x
+    padded = torch.zeros((x.shape[0], (x.shape[1] + 7) // 8 * 8), dtype=x.dtype, device=x.device)
+    padded[:, : x.shape[1]] = x
+    return padded
+
+
+def _matmul(device: str):
+    def impl(x, main, side, side_index, scales, zeros, bias, rows, cols, group_size):
+        shape = _check_arrays("quant_matmul", main, side, side_index, rows, cols, group_size, scales, zeros)
+        _check_matmul(x, bias, shape, scales, device)
+        if bias is not None:
+            bias = bias.contiguous()
+        m = x.shape[0]
+        if device == "cuda" and m >= DENSE_ROWS:
+            weight = quant_dequantize(main, side, side_index, scales, zeros, rows, cols, group_size, x.dtype)
+            return torch.nn.functional.linear(x, weight, bias)
+        xk = _kernel_x(x, device)
+        y = L.empty((m, rows), x.dtype, x.device)
+        if m == 0:
+            return y
+        weight = _packed_weight(shape, main, side, side_index, scales, zeros)
+        args = (weight, L.DTYPE_CODES[x.dtype], xk.data_ptr(), m, xk.stride(0), bias.data_ptr() if bias is not None else 0,
+                y.data_ptr(), y.stride(0))  # fmt: skip
+        if device == "cpu":
+            L.sync_cpu_threads()
+            _C.quant_matmul_cpu(*args)
+        else:
+            with L.on_device(x):
+                index = x.device.index
+                need = _C.quant_matmul_cuda_workspace_bytes(m, shape, index)
+                workspace = torch.empty(need, dtype=torch.uint8, device=x.device)
+                _C.quant_matmul_cuda(*args, workspace.data_ptr(), need, index, L.cuda_stream(x))
+        return y
+
+    return impl
+
+
+def _matmul_fake(x, main, side, side_index, scales, zeros, bias, rows, cols, group_size):
+    return x.new_empty((x.shape[0], rows))
+
+
+def _matmul_setup(ctx, inputs, output):
+    x, main, side, side_index, scales, zeros, bias, rows, cols, group_size = inputs
+    ctx.save_for_backward(main, side, side_index, scales, zeros)
+    ctx.sizes = (rows, cols, group_size)
+    ctx.x_dtype = x.dtype
+    ctx.has_bias = bias is not None
+
+
+def _matmul_backward(ctx, grad_y):
+    """dL/dx = dL/dy W with W dequantized in x's dtype; dL/dbias = column sums. The packed
+    weight is a constant (no gradient)."""
+    main, side, side_index, scales, zeros = ctx.saved_tensors
+    rows, cols, group_size = ctx.sizes
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        weight = quant_dequantize(main, side, side_index, scales, zeros, rows, cols, group_size, ctx.x_dtype)
+        grad_x = grad_y.to(ctx.x_dtype) @ weight
+    if ctx.has_bias and ctx.needs_input_grad[6]:
+        grad_bias = grad_y.sum(0)
+    return grad_x, None, None, None, None, None, grad_bias, None, None, None
+
+
+quant_matmul = L.define_op(
+    "quant_matmul",
+    "(Tensor x, Tensor main, Tensor side, Tensor side_index, Tensor scales, Tensor zeros, Tensor? bias, int rows, "
+    "int cols, int group_size) -> Tensor",
+    cpu=_matmul("cpu"), cuda=_matmul("cuda"), fake=_matmul_fake,
+    backward=_matmul_backward, setup_context=_matmul_setup,
+)  # fmt: skip

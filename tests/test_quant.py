@@ -1,0 +1,322 @@
+"""The 2-bit weight family: packing, dequantization, the fused matmul, QuantLinear and
+quantize_model, against plain float64 references written from the format's definition."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastloss
+import fastloss.quant as Q
+from fastloss.quant import _ops
+from fastloss.reference import quant as R
+from conftest import requires_cuda
+
+GRID_SHAPES = [  # (N, K, group_size): size 1, non-multiples of 8, 64, the group and the 64-row block
+    (1, 1, 64),
+    (5, 100, 64),
+    (70, 300, 128),
+    (130, 1000, 256),
+    (64, 512, 64),
+]
+
+
+def _random_codes(n, k, g, bits_per_block, generator):
+    levels = torch.tensor([4 if b == 2 else 16 for b in bits_per_block]).repeat_interleave(g)[:k]
+    codes = (torch.rand(n, k, generator=generator) * levels).floor().to(torch.uint8)
+    return codes
+
+
+def _block_bits(groups, mode, generator):
+    if mode == "2bit":
+        return [2] * groups
+    if mode == "4bit":
+        return [4] * groups
+    return [4 if bool(b) else 2 for b in torch.rand(groups, generator=generator) < 0.4]
+
+
+def _random_qw(n, k, g, mode, device, scale_dtype=torch.float16, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    groups = -(-k // g)
+    bits = _block_bits(groups, mode, generator)
+    codes = _random_codes(n, k, g, bits, generator)
+    levels = torch.tensor([4 if b == 2 else 16 for b in bits])
+    zeros = (torch.rand(n, groups, generator=generator) * levels).floor().to(torch.uint8)
+    scales = (torch.rand(n, groups, generator=generator) * 0.1 + 0.01).to(scale_dtype)
+    qw = Q.QuantizedWeight.from_codes(codes.to(device), scales.to(device), zeros.to(device), torch.tensor(bits), g)
+    return qw, codes, scales, zeros
+
+
+# ---- the packed format ------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["2bit", "4bit", "mixed"])
+@pytest.mark.parametrize("n,k,g", GRID_SHAPES)
+def test_pack_unpack_round_trip_is_exact(device, mode, n, k, g):
+    qw, codes, scales, zeros = _random_qw(n, k, g, mode, device, seed=n + k)
+    assert torch.equal(qw.codes().cpu(), codes)
+    assert torch.equal(qw.scale_matrix().cpu(), scales) and torch.equal(qw.zero_matrix().cpu(), zeros)
+    assert qw.group_bits.tolist() == [4 if i >= 0 else 2 for i in qw.side_index.tolist()]
+
+
+def test_packed_words_hold_the_mma_fragment_layout():
+    """One hand-placed code: row 3, column 64 + 16*2 + 9 (chunk 2, j = 9 -> lane 3*4 + 0, bit 16 + 8 + 2)."""
+    codes = torch.zeros(8, 128, dtype=torch.uint8)
+    codes[3, 64 + 32 + 9] = 3
+    qw = Q.QuantizedWeight.from_codes(codes, torch.ones(8, 2, dtype=torch.float16), torch.zeros(8, 2, dtype=torch.uint8), [2, 2], 64)
+    words = qw.main.view(-1, 2, 32)  # (row tile, K word, lane); N is padded to 64 rows: 8 tiles
+    nonzero = words.nonzero().tolist()
+    assert nonzero == [[0, 1, 12]]
+    assert int(words[0, 1, 12]) == 3 << 26
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16])
+def test_dequantize_is_bit_exact(device, out_dtype, scale_dtype):
+    qw, codes, scales, zeros = _random_qw(70, 300, 64, "mixed", device, scale_dtype, seed=3)
+    group = torch.arange(300) // 64
+    expected = ((codes.float() - zeros.float()[:, group]) * scales.float()[:, group]).to(out_dtype)
+    actual = Q.dequantize(qw, out_dtype).cpu()
+    assert torch.equal(actual, expected)
+
+
+@requires_cuda
+def test_cuda_and_cpu_agree_bit_for_bit():
+    qw, *_ = _random_qw(130, 1000, 128, "mixed", "cpu", seed=5)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        assert torch.equal(qw.dequantize(dtype), qw.cuda().dequantize(dtype).cpu())
+    assert torch.equal(qw.codes(), qw.cuda().codes().cpu())
+
+
+# ---- matmul -----------------------------------------------------------------------------------
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 4e-3}
+
+
+def _check_matmul(qw, m, dtype, device, with_bias=True, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, qw.in_features, generator=generator).to(device, dtype)
+    bias = torch.randn(qw.out_features, generator=generator).to(device, dtype) if with_bias else None
+    actual = Q.matmul(x, qw, bias)
+    # The issue's reference: x @ dequantize(qw).T in float32 on the same codes (plus bias).
+    expected = x.float() @ qw.dequantize(torch.float32).t() + (bias.float() if with_bias else 0)
+    assert actual.dtype == dtype and actual.shape == (m, qw.out_features)
+    error = float((actual.float() - expected).norm() / expected.norm().clamp_min(1e-30))
+    assert error <= TOLERANCE[dtype], f"relative error {error:.2e} at M={m}"
+    # and against the float64 reference written from the codes
+    exact = R.matmul(x.cpu(), qw.codes().cpu(), qw.scale_matrix().cpu(), qw.zero_matrix().cpu(), qw.group_size,
+                     bias.cpu() if with_bias else None)  # fmt: skip
+    error64 = float((actual.cpu().double() - exact).norm() / exact.norm().clamp_min(1e-30))
+    assert error64 <= TOLERANCE[dtype], f"relative error {error64:.2e} against float64 at M={m}"
+
+
+@pytest.mark.parametrize("m", [1, 3, 16, 64, 257])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_matmul_matches_dequantized_weight(device, m, dtype):
+    qw, *_ = _random_qw(200, 512, 128, "mixed", device, dtype, seed=m)
+    _check_matmul(qw, m, dtype, device)
+
+
+@pytest.mark.parametrize("m", [1, 17, 33, 100])
+@pytest.mark.parametrize("mode", ["2bit", "4bit", "mixed"])
+@pytest.mark.parametrize("n,k,g", GRID_SHAPES)
+def test_matmul_awkward_shapes(device, m, mode, n, k, g):
+    qw, *_ = _random_qw(n, k, g, mode, device, torch.float16, seed=m * 7 + n)
+    _check_matmul(qw, m, torch.float16, device, with_bias=(m % 2 == 1), seed=m)
+
+
+def test_matmul_float32_on_cpu():
+    qw, *_ = _random_qw(70, 300, 64, "mixed", "cpu", seed=2)
+    _check_matmul(qw, 5, torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("k,g", [(8192, 128), (4096, 512), (1536, 64)])
+def test_matmul_long_rows_and_split_k(device, k, g):
+    """Long K: on CUDA, split-K slices and groups that span pipeline stages."""
+    qw, *_ = _random_qw(96, k, g, "mixed", device, torch.bfloat16, seed=k)
+    for m in (1, 40):
+        _check_matmul(qw, m, torch.bfloat16, device, seed=m)
+
+
+def test_matmul_leading_dims_and_strided_x(device):
+    qw, *_ = _random_qw(64, 200, 64, "mixed", device, torch.float16, seed=4)
+    x = torch.randn(2, 3, 400, device=device).to(torch.float16)[..., ::2]  # non-contiguous, K = 200
+    y = Q.matmul(x, qw)
+    expected = x.float() @ qw.dequantize(torch.float32).t()
+    assert y.shape == (2, 3, 64)
+    assert float((y.float() - expected).norm() / expected.norm()) <= 2e-3
+
+
+def test_matmul_empty_batch(device):
+    qw, *_ = _random_qw(64, 128, 64, "2bit", device, seed=1)
+    assert Q.matmul(torch.zeros(0, 128, device=device, dtype=torch.float16), qw).shape == (0, 64)
+
+
+def test_matmul_gradients(device):
+    qw, *_ = _random_qw(70, 300, 64, "mixed", device, torch.float16, seed=8)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 300, generator=generator).to(device, torch.float16).requires_grad_()
+    bias = torch.randn(70, generator=generator).to(device, torch.float16).requires_grad_()
+    grad_y = torch.randn(4, 70, generator=generator).to(device, torch.float16)
+    Q.matmul(x, qw, bias).backward(grad_y)
+    weight = R.dense_weight(qw.codes().cpu(), qw.scale_matrix().cpu(), qw.zero_matrix().cpu(), 64)
+    expected = grad_y.cpu().double() @ weight
+    assert float((x.grad.cpu().double() - expected).norm() / expected.norm()) <= 2e-3
+    assert torch.allclose(bias.grad.cpu().double(), grad_y.cpu().double().sum(0), rtol=2e-3, atol=1e-2)
+
+
+def test_opcheck_every_op():
+    qw, codes, *_ = _random_qw(70, 300, 64, "mixed", "cpu", seed=9)
+    x = torch.randn(3, 300).to(torch.float16)
+    arrays = (qw.main, qw.side, qw.side_index)
+    full = arrays + (qw.scales, qw.zeros)
+    cases = [
+        (_ops.quant_pack, (codes, qw.side_index, 64, int((qw.side_index >= 0).sum()))),
+        (_ops.quant_unpack, arrays + (70, 300, 64)),
+        (_ops.quant_dequantize, full + (70, 300, 64, torch.float16)),
+        (_ops.quant_matmul, (x.requires_grad_(),) + full + (None, 70, 300, 64)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+def test_compile_fullgraph():
+    layer = Q.QuantLinear.from_linear(torch.nn.Linear(256, 96), frac_4bit=0.5, group_size=64)
+    x = torch.randn(5, 256)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x), layer(x))
+
+
+@requires_cuda
+def test_cuda_graph_capture():
+    qw, *_ = _random_qw(4096, 4096, 128, "mixed", "cuda", torch.float16, seed=11)
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
+    eager = Q.matmul(x, qw)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        Q.matmul(x, qw)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = Q.matmul(x, qw)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    assert torch.equal(captured, Q.matmul(x, qw))
+    assert not torch.equal(captured, eager)
+
+
+# ---- quantize, QuantizedWeight, QuantLinear, quantize_model -----------------------------------
+def _relative_error(weight, qw):
+    return float((qw.dequantize(torch.float32) - weight).norm() / weight.norm())
+
+
+def test_quantize_quality_and_format():
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(512, 1024, generator=generator)
+    two = Q.quantize(weight, frac_4bit=0.0)
+    mixed = Q.quantize(weight, frac_4bit=0.25)
+    four = Q.quantize(weight, bits=4)
+    errors = [_relative_error(weight, qw) for qw in (two, mixed, four)]
+    assert errors[0] <= 0.52 and errors[1] <= 0.45 and errors[2] <= 0.11
+    assert errors[0] > errors[1] > errors[2]
+    assert int((mixed.side_index >= 0).sum()) == 2  # 25% of 8 K-blocks
+    # 2 bits + an fp16 scale and a uint8 zero per 128 weights, plus the K-block map
+    assert two.bits_per_weight == pytest.approx(2 + 24 / 128, abs=1e-3)
+    assert four.bits_per_weight == pytest.approx(4 + 24 / 128, abs=1e-3)
+    assert _relative_error(weight, Q.quantize(weight, frac_4bit=0.0, clip="mse")) < errors[0]
+
+
+def test_state_dict_round_trip_and_moves(device):
+    qw = Q.quantize(torch.randn(100, 300), frac_4bit=0.3, group_size=64).to(device)
+    state = qw.state_dict()
+    again = Q.QuantizedWeight.from_state_dict({k: v.clone() for k, v in state.items()})
+    assert torch.equal(again.dequantize(), qw.dequantize())
+    as_bf16 = qw.to(torch.bfloat16)
+    assert as_bf16.dtype == torch.bfloat16 and as_bf16.scales.dtype == torch.bfloat16
+    assert torch.equal(qw.cpu().codes(), qw.codes().cpu())
+    bad = dict(state, meta=torch.tensor([99, 100, 300, 64]))
+    with pytest.raises(ValueError, match="format version 99"):
+        Q.QuantizedWeight.from_state_dict(bad)
+
+
+def _mlp(generator):
+    torch.manual_seed(int(torch.randint(0, 1 << 30, (1,), generator=generator)))
+    return torch.nn.Sequential(
+        torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.LayerNorm(512), torch.nn.Linear(512, 512), torch.nn.GELU(),
+        torch.nn.Linear(512, 10),
+    )  # fmt: skip
+
+
+def test_quantized_mlp_keeps_its_top1(device):
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    generator = torch.Generator().manual_seed(0)
+    model = _mlp(generator).to(device)
+    # a model whose decisions are clear: the last layer separates 10 directions of the features
+    x = torch.randn(256, 256, generator=generator).to(device)
+    with torch.no_grad():
+        reference = model(x).argmax(-1)
+    quantized = _mlp(torch.Generator().manual_seed(0)).to(device)
+    quantized.load_state_dict(model.state_dict())
+    report = Q.quantize_model(quantized, bits=4, group_size=64, scale_dtype=torch.float16 if dtype == torch.float16 else None)
+    assert set(report) == {"0", "3", "5"}
+    assert isinstance(quantized[1], torch.nn.GELU) and isinstance(quantized[2], torch.nn.LayerNorm)
+    assert all(isinstance(quantized[i], Q.QuantLinear) for i in (0, 3, 5))
+    assert torch.equal(quantized[2].weight, model[2].weight)
+    with torch.no_grad():
+        agreement = float((quantized.to(dtype)(x.to(dtype)).argmax(-1) == reference).float().mean())
+    assert agreement >= 0.9, agreement
+    assert all(0 < entry["relative_output_error"] < 0.2 for entry in report.values())
+
+
+def test_quantize_model_skip_and_calibration():
+    generator = torch.Generator().manual_seed(1)
+    model = _mlp(generator)
+    calibration = torch.randn(64, 256, generator=generator)
+    report = Q.quantize_model(model, skip=["5"], calibration=calibration, select="hessian", frac_4bit=0.25, group_size=64)
+    assert set(report) == {"0", "3"} and isinstance(model[5], torch.nn.Linear)
+    assert all(entry["bits_per_weight"] < 3.5 for entry in report.values())
+
+
+def test_quant_linear_state_dict_and_bias():
+    linear = torch.nn.Linear(128, 64)
+    layer = Q.QuantLinear.from_linear(linear, group_size=64)
+    twin = Q.QuantLinear.from_linear(torch.nn.Linear(128, 64), group_size=64)
+    twin.load_state_dict(layer.state_dict())
+    x = torch.randn(3, 128)
+    assert torch.equal(twin(x), layer(x))
+    assert torch.equal(layer.bias.float(), linear.bias.detach().to(torch.float16).float())
+    assert "bits_per_weight" in repr(layer)
+
+
+def test_fastloss_namespace_keeps_quant_names_apart():
+    assert not hasattr(fastloss, "matmul") and fastloss.nn.QuantLinear is Q.QuantLinear
+
+
+# ---- bad input --------------------------------------------------------------------------------
+def test_bad_input_raises_clear_errors(device):
+    weight = torch.randn(64, 256)
+    with pytest.raises(ValueError, match="frac_4bit"):
+        Q.quantize(weight, frac_4bit=1.5)
+    with pytest.raises(ValueError, match="group_size must be a power of two"):
+        Q.quantize(weight, group_size=100)
+    with pytest.raises(ValueError, match="bits"):
+        Q.quantize(weight, bits=3)
+    with pytest.raises(ValueError, match="double_quant"):
+        Q.quantize(weight, double_quant=True)
+    qw = Q.quantize(weight, group_size=64).to(device)
+    with pytest.raises(ValueError, match="in_features=256"):
+        Q.matmul(torch.randn(2, 255, device=device), qw)
+    with pytest.raises(ValueError, match="'x' is torch.int64"):
+        Q.matmul(torch.ones(2, 256, dtype=torch.int64, device=device), qw)
+    with pytest.raises(ValueError, match="bias"):
+        Q.matmul(torch.randn(2, 256, device=device, dtype=qw.dtype), qw, torch.randn(3, device=device, dtype=qw.dtype))
+    codes = torch.full((4, 64), 5, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="does not fit the bit width"):
+        Q.QuantizedWeight.from_codes(codes, torch.ones(4, 1, dtype=torch.float16), torch.zeros(4, 1, dtype=torch.uint8), [2], 64)
+
+
+@requires_cuda
+def test_cpu_weight_with_cuda_x_and_wrong_dtype_raise():
+    qw = Q.quantize(torch.randn(64, 256), group_size=64)
+    with pytest.raises(ValueError, match="QuantizedWeight is on cpu"):
+        Q.matmul(torch.randn(2, 256, device="cuda", dtype=torch.float16), qw)
+    with pytest.raises(ValueError, match=r"qw.to\(torch.bfloat16\)"):
+        Q.matmul(torch.randn(2, 256, device="cuda", dtype=torch.bfloat16), qw.cuda())
