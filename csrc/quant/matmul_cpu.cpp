@@ -13,11 +13,6 @@ namespace fl {
 namespace quant {
 namespace {
 
-inline float scale_value(const void* scales, DType dtype, int64_t index) {
-  if (dtype == DType::Float16) return to_float(static_cast<const Half*>(scales)[index]);
-  return to_float(static_cast<const BFloat16*>(scales)[index]);
-}
-
 // group_sums[m * 8 + r] += dot(tile[r], x[m]) over the tile's 64 columns.
 FL_CPU_MULTIVERSION void accumulate_tile(const float* tile, const float* x, int64_t ldx, int64_t rows,
                                          float* group_sums) {
@@ -42,7 +37,7 @@ void decode_tile(const PackedWeight& w, int64_t rt, int64_t kw, const int* zeros
     const uint32_t low = w.main[main_word_index(s, rt, kw, lane)];
     const uint32_t high = rank >= 0 ? w.side[side_word_index(s, rt, rank, kw % words_per_group, lane)] : 0u;
     for (int position = 0; position < kCodesPerWord; ++position) {
-      const int code = static_cast<int>(((low >> (2 * position)) & 3u) | (((high >> (2 * position)) & 3u) << 2));
+      const int code = code_at(low, high, position);
       tile[r * kWordCols + col_of_position(t, position)] = static_cast<float>(code - zeros[r]);
     }
   }
@@ -72,7 +67,7 @@ void matmul_typed(const MatmulProblem& p) {
         for (int r = 0; r < kTileRows; ++r) {
           const int64_t at = group * s.rows_padded + rt * kTileRows + r;
           zeros[r] = w.zeros[at];
-          scales[r] = scale_value(w.scales, w.scale_dtype, at);
+          scales[r] = host_scale(w.scales, w.scale_dtype, at);
         }
         std::fill(sums.begin(), sums.end(), 0.f);
         for (int64_t kw = group * words_per_group; kw < (group + 1) * words_per_group; ++kw) {

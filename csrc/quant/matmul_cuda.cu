@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <mutex>
 #include <vector>
 
@@ -39,7 +40,10 @@ constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 constexpr int kBlockRows = 64;  // rows of W per CTA: 8 word tiles, 2 per warp
 constexpr int kTilesPerWarp = 2;
-constexpr int kStages = 4;
+#ifndef FASTLOSS_QUANT_STAGES
+#define FASTLOSS_QUANT_STAGES 4  // pipeline depth; overridable at build time for tuning
+#endif
+constexpr int kStages = FASTLOSS_QUANT_STAGES;
 
 // The fp16 / bf16 specifics: the exponent bits that make (magic | q) the float magic + q,
 // and the MMA instruction.
@@ -449,6 +453,12 @@ LaunchPlan plan_launch(int64_t rows, const PackedShape& s, int device) {
       plan.tiles_per_split = per;
     }
     if (base >= 4 * slots) break;  // several full waves already
+  }
+  // Tuning knob for benchmarks: FASTLOSS_QUANT_SPLITS=n forces n split-K slices (clamped).
+  if (const char* forced = std::getenv("FASTLOSS_QUANT_SPLITS")) {
+    const int want = std::max(1, std::min(std::atoi(forced), plan.k_tiles));
+    plan.tiles_per_split = (plan.k_tiles + want - 1) / want;
+    plan.splits = (plan.k_tiles + plan.tiles_per_split - 1) / plan.tiles_per_split;
   }
   plan.workspace_bytes = plan.splits > 1 ? int64_t(plan.splits) * rows * s.rows_padded * int64_t(sizeof(float)) : 0;
   return plan;

@@ -12,11 +12,6 @@ namespace fl {
 namespace quant {
 namespace {
 
-inline float scale_value(const void* scales, DType dtype, int64_t index) {
-  if (dtype == DType::Float16) return to_float(static_cast<const Half*>(scales)[index]);
-  return to_float(static_cast<const BFloat16*>(scales)[index]);
-}
-
 // Calls visit(row, col, position) for the 16 codes of lane `lane` of a word tile.
 template <class Visit>
 void for_each_code(int64_t row_tile, int64_t k_word, int lane, Visit&& visit) {
@@ -30,50 +25,51 @@ void for_each_code(int64_t row_tile, int64_t k_word, int lane, Visit&& visit) {
 // Grain of the row-tile loops: a tile row of a 4096-column weight is ~2 KB of words.
 constexpr int64_t kTileGrain = 4;
 
-}  // namespace
-
-void pack_codes_cpu(const PackedShape& s, const int32_t* side_index, const uint8_t* codes, int64_t ld,
-                    uint32_t* main, uint32_t* side) {
-  validate_packed_shape(s, "fastloss.quant.pack");
+// Calls visit(row_tile, k_word, lane, main_at, side_at) for every word of the main array, in
+// parallel over row tiles; side_at is the word's partner in the side array, -1 for 2-bit K-blocks.
+template <class Visit>
+void for_each_word(const PackedShape& s, const int32_t* side_index, Visit&& visit) {
   const int64_t words_per_group = s.words_per_group();
   parallel_for(s.row_tiles(), kTileGrain, [&](int64_t begin, int64_t end) {
     for (int64_t rt = begin; rt < end; ++rt) {
       for (int64_t kw = 0; kw < s.k_words; ++kw) {
         const int32_t rank = side_index[kw / words_per_group];
         for (int lane = 0; lane < kLanes; ++lane) {
-          uint32_t low = 0, high = 0;
-          for_each_code(rt, kw, lane, [&](int64_t row, int64_t col, int position) {
-            const uint32_t code = (row < s.rows && col < s.cols) ? codes[row * ld + col] : 0u;
-            low |= (code & 3u) << (2 * position);
-            high |= ((code >> 2) & 3u) << (2 * position);
-          });
-          main[main_word_index(s, rt, kw, lane)] = low;
-          if (rank >= 0) side[side_word_index(s, rt, rank, kw % words_per_group, lane)] = high;
+          const int64_t side_at = rank >= 0 ? side_word_index(s, rt, rank, kw % words_per_group, lane) : -1;
+          visit(rt, kw, lane, main_word_index(s, rt, kw, lane), side_at);
         }
       }
     }
   });
 }
 
+}  // namespace
+
+void pack_codes_cpu(const PackedShape& s, const int32_t* side_index, const uint8_t* codes, int64_t ld,
+                    uint32_t* main, uint32_t* side) {
+  validate_packed_shape(s, "fastloss.quant.pack");
+  for_each_word(s, side_index, [&](int64_t rt, int64_t kw, int lane, int64_t main_at, int64_t side_at) {
+    uint32_t low = 0, high = 0;
+    for_each_code(rt, kw, lane, [&](int64_t row, int64_t col, int position) {
+      const uint32_t code = (row < s.rows && col < s.cols) ? codes[row * ld + col] : 0u;
+      low |= (code & 3u) << (2 * position);
+      high |= ((code >> 2) & 3u) << (2 * position);
+    });
+    main[main_at] = low;
+    if (side_at >= 0) side[side_at] = high;
+  });
+}
+
 void unpack_codes_cpu(const PackedShape& s, const int32_t* side_index, const uint32_t* main, const uint32_t* side,
                       uint8_t* codes) {
   validate_packed_shape(s, "fastloss.quant.unpack");
-  const int64_t words_per_group = s.words_per_group();
-  parallel_for(s.row_tiles(), kTileGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t rt = begin; rt < end; ++rt) {
-      for (int64_t kw = 0; kw < s.k_words; ++kw) {
-        const int32_t rank = side_index[kw / words_per_group];
-        for (int lane = 0; lane < kLanes; ++lane) {
-          const uint32_t low = main[main_word_index(s, rt, kw, lane)];
-          const uint32_t high = rank >= 0 ? side[side_word_index(s, rt, rank, kw % words_per_group, lane)] : 0u;
-          for_each_code(rt, kw, lane, [&](int64_t row, int64_t col, int position) {
-            if (row >= s.rows || col >= s.cols) return;
-            const uint32_t code = ((low >> (2 * position)) & 3u) | (((high >> (2 * position)) & 3u) << 2);
-            codes[row * s.cols + col] = static_cast<uint8_t>(code);
-          });
-        }
-      }
-    }
+  for_each_word(s, side_index, [&](int64_t rt, int64_t kw, int lane, int64_t main_at, int64_t side_at) {
+    const uint32_t low = main[main_at];
+    const uint32_t high = side_at >= 0 ? side[side_at] : 0u;
+    for_each_code(rt, kw, lane, [&](int64_t row, int64_t col, int position) {
+      if (row >= s.rows || col >= s.cols) return;
+      codes[row * s.cols + col] = static_cast<uint8_t>(code_at(low, high, position));
+    });
   });
 }
 
@@ -86,27 +82,19 @@ void dequantize_cpu(const PackedWeight& w, DType out_dtype, void* out) {
     using T = typename decltype(tag)::type;
     T* dst = static_cast<T*>(out);
     const int64_t words_per_group = s.words_per_group();
-    parallel_for(s.row_tiles(), kTileGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t rt = begin; rt < end; ++rt) {
-        for (int64_t kw = 0; kw < s.k_words; ++kw) {
-          const int64_t group = kw / words_per_group;
-          const int32_t rank = w.side_index[group];
-          for (int lane = 0; lane < kLanes; ++lane) {
-            const int64_t row = rt * kTileRows + lane / 4;
-            if (row >= s.rows) continue;
-            const uint32_t low = w.main[main_word_index(s, rt, kw, lane)];
-            const uint32_t high =
-                rank >= 0 ? w.side[side_word_index(s, rt, rank, kw % words_per_group, lane)] : 0u;
-            const float scale = scale_value(w.scales, w.scale_dtype, group * s.rows_padded + row);
-            const int zero = w.zeros[group * s.rows_padded + row];
-            for_each_code(rt, kw, lane, [&](int64_t, int64_t col, int position) {
-              if (col >= s.cols) return;
-              const int code = static_cast<int>(((low >> (2 * position)) & 3u) | (((high >> (2 * position)) & 3u) << 2));
-              dst[row * s.cols + col] = StoreAs<T>::from(static_cast<float>(dequantized_value(code, zero, scale)));
-            });
-          }
-        }
-      }
+    for_each_word(s, w.side_index, [&](int64_t rt, int64_t kw, int lane, int64_t main_at, int64_t side_at) {
+      const int64_t row = rt * kTileRows + lane / 4;
+      if (row >= s.rows) return;
+      const int64_t at = (kw / words_per_group) * s.rows_padded + row;
+      const uint32_t low = w.main[main_at];
+      const uint32_t high = side_at >= 0 ? w.side[side_at] : 0u;
+      const float scale = host_scale(w.scales, w.scale_dtype, at);
+      const int zero = w.zeros[at];
+      for_each_code(rt, kw, lane, [&](int64_t, int64_t col, int position) {
+        if (col >= s.cols) return;
+        const int code = code_at(low, high, position);
+        dst[row * s.cols + col] = StoreAs<T>::from(dequantized_value(code, zero, scale));
+      });
     });
   });
 }

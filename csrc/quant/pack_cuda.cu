@@ -29,8 +29,6 @@ __device__ __forceinline__ WordCoordinates word_coordinates(const PackedShape& s
   return c;
 }
 
-__device__ __forceinline__ uint32_t plane(uint32_t word, int position) { return (word >> (2 * position)) & 3u; }
-
 __global__ void pack_kernel(PackedShape s, const int32_t* __restrict__ side_index, const uint8_t* __restrict__ codes,
                             int64_t ld, uint32_t* __restrict__ main, uint32_t* __restrict__ side) {
   const int64_t words_per_group = s.words_per_group();
@@ -67,7 +65,7 @@ __global__ void unpack_kernel(PackedShape s, const int32_t* __restrict__ side_in
 #pragma unroll
     for (int position = 0; position < kCodesPerWord; ++position) {
       const int64_t col = c.k_word * kWordCols + col_of_position(c.lane % 4, position);
-      if (col < s.cols) codes[row * s.cols + col] = static_cast<uint8_t>(plane(low, position) | (plane(high, position) << 2));
+      if (col < s.cols) codes[row * s.cols + col] = static_cast<uint8_t>(code_at(low, high, position));
     }
   }
 }
@@ -98,7 +96,7 @@ __global__ void __launch_bounds__(kDequantWords * 32) dequantize_kernel(
     const int zero = zeros[group * s.rows_padded + row];
 #pragma unroll
     for (int position = 0; position < kCodesPerWord; ++position) {
-      const int code = static_cast<int>(plane(low, position) | (plane(high, position) << 2));
+      const int code = code_at(low, high, position);
       tile[lane / 4][warp * kWordCols + col_of_position(lane % 4, position)] =
           CudaStore<Out>::from(dequantized_value(code, zero, scale));
     }

@@ -105,6 +105,11 @@ FL_HD int64_t side_word_index(const PackedShape& s, int64_t row_tile, int64_t si
   return (row_tile * s.side_k_words + side_rank * s.words_per_group() + word_in_group) * kLanes + lane;
 }
 
+// The code at plane `position` of a main word and its side word (0 for a 2-bit K-block).
+FL_HD int code_at(uint32_t low, uint32_t high, int position) {
+  return static_cast<int>(((low >> (2 * position)) & 3u) | (((high >> (2 * position)) & 3u) << 2));
+}
+
 // q - z as the exact float it is, times the scale: the value before the output rounding.
 FL_HD float dequantized_value(int code, int zero, float scale) { return static_cast<float>(code - zero) * scale; }
 

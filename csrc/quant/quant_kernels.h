@@ -41,6 +41,12 @@ void validate_packed_shape(const PackedShape& shape, const char* op_name);
 void validate_matmul(const MatmulProblem& p, bool cuda);
 
 // ---- CPU ----
+// A scale as float, from a host float16 / bfloat16 array.
+inline float host_scale(const void* scales, DType dtype, int64_t index) {
+  if (dtype == DType::Float16) return to_float(static_cast<const Half*>(scales)[index]);
+  return to_float(static_cast<const BFloat16*>(scales)[index]);
+}
+
 // codes: [N][ld] uint8, values < 4 in 2-bit K-blocks and < 16 in 4-bit ones (the caller checks);
 // writes every word of main and side, the padding included (zero codes).
 void pack_codes_cpu(const PackedShape& shape, const int32_t* side_index, const uint8_t* codes, int64_t ld,
