@@ -25,8 +25,12 @@ def test_build_info_describes_the_build():
 def test_every_family_provides_all_its_modules(family):
     for package in ("", "nn.", "reference.", "bench."):
         module = importlib.import_module(f"fastloss.{package}{family}")
-        if package in ("", "nn."):
-            assert module.__all__ and all(hasattr(fastloss if not package else fastloss.nn, n) for n in module.__all__)
+        if package == "":
+            assert module.__all__ and all(hasattr(module, n) for n in module.__all__)
+            exported = getattr(module, "__fastloss_exports__", module.__all__)  # names lifted to fastloss.*
+            assert all(getattr(fastloss, n) is getattr(module, n) for n in exported)
+        if package == "nn.":
+            assert module.__all__ and all(hasattr(fastloss.nn, n) for n in module.__all__)
 
 
 def test_self_check_passes_and_reports_every_op(capsys):
