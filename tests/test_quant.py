@@ -320,3 +320,18 @@ def test_cpu_weight_with_cuda_x_and_wrong_dtype_raise():
         Q.matmul(torch.randn(2, 256, device="cuda", dtype=torch.float16), qw)
     with pytest.raises(ValueError, match=r"qw.to\(torch.bfloat16\)"):
         Q.matmul(torch.randn(2, 256, device="cuda", dtype=torch.bfloat16), qw.cuda())
+
+
+@requires_cuda
+@pytest.mark.parametrize("ctas", ["1", "3", "7", "50", "100000"])
+def test_stream_k_ranges_of_any_length(monkeypatch, ctas):
+    """The CUDA kernel cuts the (m block, row block, K-tile) units into one range per CTA; ranges
+    that start or end inside a row block leave partial sums for the fixup kernel. Forcing the
+    CTA count (FASTLOSS_QUANT_CTAS) covers whole, split and one-unit ranges; results are exact
+    sums in a fixed order, so two runs agree bit for bit."""
+    monkeypatch.setenv("FASTLOSS_QUANT_CTAS", ctas)
+    qw, *_ = _random_qw(200, 1000, 128, "mixed", "cuda", torch.float16, seed=12)
+    for m in (1, 40, 100):
+        _check_matmul(qw, m, torch.float16, "cuda", seed=m)
+        x = torch.randn(m, 1000, device="cuda", dtype=torch.float16)
+        assert torch.equal(Q.matmul(x, qw), Q.matmul(x, qw))

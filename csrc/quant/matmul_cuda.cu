@@ -16,9 +16,11 @@
 // scaled once per group and output column in float32, so the result is x W^T with W the
 // exact (q - z) * s before any rounding: the CPU kernel computes the same sum.
 //
-// Grid: (N_pad / 64 row blocks, split-K slices, M blocks); 4 warps per CTA, each warp owns
-// two 8-row word tiles. Split-K partial sums go to a float32 workspace and a second kernel
-// adds them (deterministic: no atomics); with one slice the epilogue writes y directly.
+// Work split (stream-K): the units (m block of 16-64 rows of x, row block of 64 rows of W,
+// K-tile) are cut into one contiguous range per resident CTA; 4 warps per CTA, each owning two
+// 8-row word tiles. A row block finished inside one CTA is written to y with its bias; the
+// CTAs sharing a row block leave float32 partial sums that fixup_kernel adds in CTA order
+// (deterministic: no atomics).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -145,10 +147,19 @@ struct Params {
   T* y;
   int64_t ldy;
   const T* bias;
-  float* workspace;  // [splits][M][N_pad] when splits > 1
-  int splits;
-  int tiles_per_split;  // K-tiles of one split-K slice
+  // Stream-K work split: the units (m block, row block, K-tile) in that order, cut into
+  // gridDim.x equal contiguous ranges, one per CTA.
+  int m_blocks;
+  int n_blocks;
+  int k_tiles;
+  int64_t units;
+  float* partials;  // [gridDim.x][2][16 * MF][64]: the CTA's partial first and last row blocks
 };
+
+// First unit of CTA c's range.
+__host__ __device__ __forceinline__ int64_t range_start(int64_t units, int ctas, int64_t c) {
+  return c * units / ctas;
+}
 
 // The shared memory of one pipeline stage; m_rows = 16 * MF rows of x, BK columns.
 template <int MF, int BK>
@@ -164,10 +175,36 @@ struct StageLayout {
   static constexpr int kXOffset = kSideOffset + kMainBytes;
   static constexpr int kScaleOffset = kXOffset + kXBytes;
   static constexpr int kZeroOffset = kScaleOffset + kScaleBytes;
-  static constexpr int kBytes = kZeroOffset + kZeroBytes;  // multiple of 16: every part is
+  static constexpr int kFlagOffset = kZeroOffset + kZeroBytes;  // per word: 1 if its K-block is 4-bit
+  static constexpr int kFlagBytes = 16;
+  static constexpr int kBytes = kFlagOffset + kFlagBytes;  // multiple of 16: every part is
   static constexpr int kTotalBytes = kBytes * kStages;
 };
 
+// Where a unit sits: m block, row block and K-tile. The kernel steps through its range with
+// next() instead of dividing (64-bit division is a long instruction sequence on the GPU).
+struct Unit {
+  int mb, nb, kt;
+  __device__ __forceinline__ void next(int n_blocks, int k_tiles) {
+    if (++kt == k_tiles) {
+      kt = 0;
+      if (++nb == n_blocks) {
+        nb = 0;
+        ++mb;
+      }
+    }
+  }
+};
+__device__ __forceinline__ Unit unit_at(int64_t u, int n_blocks, int k_tiles) {
+  const int64_t per_m = int64_t(n_blocks) * k_tiles;
+  const int64_t rest = u % per_m;
+  return Unit{static_cast<int>(u / per_m), static_cast<int>(rest / k_tiles), static_cast<int>(rest % k_tiles)};
+}
+
+// Stream-K: each CTA walks its range of units with one cp.async pipeline that runs on across
+// row-block boundaries, so no CTA pays a pipeline fill per short slice and the grid is exactly
+// the resident CTAs (no tail wave). A row block whose K-tiles all fall in one CTA is written
+// to y directly; the others leave partial sums that fixup_kernel adds in a fixed order.
 template <class T, int MF, int BK>
 __global__ void __launch_bounds__(kThreads) quant_mma_kernel(Params<T> p) {
   using L = StageLayout<MF, BK>;
@@ -175,34 +212,38 @@ __global__ void __launch_bounds__(kThreads) quant_mma_kernel(Params<T> p) {
   extern __shared__ __align__(16) unsigned char smem[];
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, tid = threadIdx.x;
-  const int64_t block_row = int64_t(blockIdx.x) * kBlockRows;     // first row of W
-  const int64_t tile_base = block_row / kTileRows;                 // first word tile row
-  const int64_t m_base = int64_t(blockIdx.z) * L::kMRows;          // first row of x
-  const int m_live = static_cast<int>(min64(L::kMRows, p.rows - m_base));
-  const int k_tiles = static_cast<int>((p.k_words + WPS - 1) / WPS);
-  const int kt_begin = blockIdx.y * p.tiles_per_split;
-  const int kt_end = min(k_tiles, kt_begin + p.tiles_per_split);
-  const int kw_begin = kt_begin * WPS;
-  const int kw_end = static_cast<int>(min64(p.k_words, int64_t(kt_end) * WPS));
+  const int64_t u_begin = range_start(p.units, gridDim.x, blockIdx.x);
+  const int64_t u_end = range_start(p.units, gridDim.x, blockIdx.x + 1);
   const int shift = p.group_shift;
   const int wpg_mask = (1 << shift) - 1;
+  // With one m block the dead rows of x (beyond M) are zeroed once; with several, every stage
+  // zero-fills the dead rows of its own m block.
+  const bool one_m_block = p.m_blocks == 1;
+  const int rows_single = static_cast<int>(min64(L::kMRows, p.rows));
 
   auto stage_ptr = [&](int stage, int offset) { return smem + stage * L::kBytes + offset; };
 
-  // Rows of x beyond M are zero in every stage, once: the pipeline then copies live rows only.
-  for (int i = tid; i < kStages * L::kMRows * (BK / 8); i += kThreads) {
-    const int stage = i / (L::kMRows * (BK / 8));
-    const int rest = i % (L::kMRows * (BK / 8));
-    const int r = rest / (BK / 8);
-    if (r >= m_live) {
-      *reinterpret_cast<uint4*>(stage_ptr(stage, L::kXOffset) + (r * BK + (rest % (BK / 8)) * 8) * 2) =
-          make_uint4(0, 0, 0, 0);
+  if (one_m_block) {
+    for (int i = tid; i < kStages * L::kMRows * (BK / 8); i += kThreads) {
+      const int stage = i / (L::kMRows * (BK / 8));
+      const int rest = i % (L::kMRows * (BK / 8));
+      const int r = rest / (BK / 8);
+      if (r >= rows_single) {
+        *reinterpret_cast<uint4*>(stage_ptr(stage, L::kXOffset) + (r * BK + (rest % (BK / 8)) * 8) * 2) =
+            make_uint4(0, 0, 0, 0);
+      }
     }
   }
 
-  auto load_stage = [&](int stage, int kt) {
-    const int kw0 = kt * WPS;
-    const int nw = min(WPS, kw_end - kw0);
+  auto load_stage = [&](int stage, const Unit& at) {
+    const int64_t tile_base = int64_t(at.nb) * (kBlockRows / kTileRows);
+    const int64_t m_base = int64_t(at.mb) * L::kMRows;
+    const int kw0 = at.kt * WPS;
+    const int nw = static_cast<int>(min64(WPS, p.k_words - kw0));
+    if (tid < WPS) {  // which words are 4-bit, for compute_stage
+      reinterpret_cast<int*>(stage_ptr(stage, L::kFlagOffset))[tid] =
+          tid < nw ? int(__ldg(p.side_index + ((kw0 + tid) >> shift)) >= 0) : 0;
+    }
     // packed words: 8 tiles x nw words x 8 chunks of 16 bytes
     for (int i = tid; i < (kBlockRows / kTileRows) * WPS * 8; i += kThreads) {
       const int tile = i / (WPS * 8), w = (i / 8) % WPS, chunk = i % 8;
@@ -218,18 +259,21 @@ __global__ void __launch_bounds__(kThreads) quant_mma_kernel(Params<T> p) {
         cp_async16(stage_ptr(stage, L::kSideOffset) + ((tile * WPS + w) * kLanes + chunk * 4) * 4, side_src, 16);
       }
     }
-    // x: live rows only, zero-filled past column K
-    for (int i = tid; i < m_live * (BK / 8); i += kThreads) {
+    // x: the live rows (and, with several m blocks, zero-filled dead rows), zero past column K
+    const int x_rows = one_m_block ? rows_single : L::kMRows;
+    for (int i = tid; i < x_rows * (BK / 8); i += kThreads) {
       const int r = i / (BK / 8), chunk = i % (BK / 8);
       if (chunk >= nw * 8) continue;
       const int64_t k = int64_t(kw0) * kWordCols + chunk * 8;
-      const int valid = static_cast<int>(max64(0, min64(16, (p.cols - k) * 2)));
+      const bool live = m_base + r < p.rows;
+      const int valid = live ? static_cast<int>(max64(0, min64(16, (p.cols - k) * 2))) : 0;
       const T* src = valid > 0 ? p.x + (m_base + r) * p.ldx + k : p.x;
       cp_async16(stage_ptr(stage, L::kXOffset) + (r * BK + ((chunk ^ (r & 7)) * 8)) * 2, src, valid);
     }
     // scales and zero points of the groups this stage touches
     const int g0 = kw0 >> shift;
     const int groups = ((kw0 + nw - 1) >> shift) - g0 + 1;
+    const int64_t block_row = int64_t(at.nb) * kBlockRows;
     for (int i = tid; i < groups * 12; i += kThreads) {
       const int gi = i / 12, part = i % 12;
       const int64_t row0 = int64_t(g0 + gi) * p.rows_padded + block_row;
@@ -256,34 +300,36 @@ __global__ void __launch_bounds__(kThreads) quant_mma_kernel(Params<T> p) {
   const int a_chunk = lane >> 4;                         // and its 8-column half of the 16
   const int t = lane & 3, r = lane >> 2;
 
-  auto compute_stage = [&](int stage, int kt) {
-    const int kw0 = kt * WPS;
-    const int nw = min(WPS, kw_end - kw0);
+  // seg_first / seg_last: the unit opens / closes this CTA's stretch of its row block.
+  auto compute_stage = [&](int stage, const Unit& at, bool seg_first, bool seg_last) {
+    const int kw0 = at.kt * WPS;
+    const int nw = static_cast<int>(min64(WPS, p.k_words - kw0));
     const int g0 = kw0 >> shift;
     const uint32_t* main_s = reinterpret_cast<const uint32_t*>(stage_ptr(stage, L::kMainOffset));
     const uint32_t* side_s = reinterpret_cast<const uint32_t*>(stage_ptr(stage, L::kSideOffset));
     const T* x_s = reinterpret_cast<const T*>(stage_ptr(stage, L::kXOffset));
     const T* scale_s = reinterpret_cast<const T*>(stage_ptr(stage, L::kScaleOffset));
     const uint8_t* zero_s = stage_ptr(stage, L::kZeroOffset);
+    const int* flag_s = reinterpret_cast<const int*>(stage_ptr(stage, L::kFlagOffset));
 #pragma unroll
     for (int w = 0; w < WPS; ++w) {
-      if (w >= nw) break;
+      if (w >= nw) continue;  // only the last K-tile is short; continue keeps the loop unrollable
       const int kw = kw0 + w;
       const int slot = (kw >> shift) - g0;
-      if (kw == kw_begin || (kw & wpg_mask) == 0) {  // a group starts: its zero points, as magic + z pairs
+      if ((w == 0 && seg_first) || (kw & wpg_mask) == 0) {  // a group starts: its zero points, as magic + z
 #pragma unroll
         for (int j = 0; j < kTilesPerWarp; ++j) {
           const uint32_t z = zero_s[slot * kBlockRows + warp * 16 + j * 8 + r];
           magic_zero[j] = Element<T>::kMagic | z | (z << 16);
         }
       }
-      const bool four_bit = __ldg(p.side_index + (kw >> shift)) >= 0;
+      const bool four_bit = flag_s[w] != 0;
       uint32_t low[kTilesPerWarp], high[kTilesPerWarp];
 #pragma unroll
       for (int j = 0; j < kTilesPerWarp; ++j) {
-        const int at = ((warp * kTilesPerWarp + j) * WPS + w) * kLanes + lane;
-        low[j] = main_s[at];
-        high[j] = four_bit ? side_s[at] : 0u;
+        const int at_word = ((warp * kTilesPerWarp + j) * WPS + w) * kLanes + lane;
+        low[j] = main_s[at_word];
+        high[j] = four_bit ? side_s[at_word] : 0u;
       }
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
@@ -308,7 +354,7 @@ __global__ void __launch_bounds__(kThreads) quant_mma_kernel(Params<T> p) {
           for (int mf = 0; mf < MF; ++mf) Element<T>::mma(partial[mf][j], a[mf], b0, b1);
         }
       }
-      if (((kw + 1) & wpg_mask) == 0 || kw + 1 == kw_end) {  // a group ends: scale its sums once
+      if (((kw + 1) & wpg_mask) == 0 || (w == nw - 1 && seg_last)) {  // a group ends: scale its sums once
 #pragma unroll
         for (int j = 0; j < kTilesPerWarp; ++j) {
           const int col = slot * kBlockRows + warp * 16 + j * 8 + 2 * t;
@@ -327,65 +373,109 @@ __global__ void __launch_bounds__(kThreads) quant_mma_kernel(Params<T> p) {
     }
   };
 
-  const int tiles = kt_end - kt_begin;
+  // A closed stretch: the whole row block goes to y (bias added), a part of it to this CTA's
+  // partial slot (0 if the stretch holds the range's first unit, else 1).
+  auto finish_block = [&](const Unit& at, bool whole, int slot) {
 #pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < tiles) load_stage(s, kt_begin + s);
-    cp_async_commit();
-  }
-  for (int i = 0; i < tiles; ++i) {
-    cp_async_wait<kStages - 2>();
-    __syncthreads();
-    const int next = i + kStages - 1;
-    if (next < tiles) load_stage(next % kStages, kt_begin + next);
-    cp_async_commit();
-    compute_stage(i % kStages, kt_begin + i);
-  }
-  cp_async_wait<0>();
-
-  // Epilogue: thread (r, t) holds rows r and r + 8 of each m-fragment, columns 2t and 2t + 1.
+    for (int mf = 0; mf < MF; ++mf) {
 #pragma unroll
-  for (int mf = 0; mf < MF; ++mf) {
+      for (int j = 0; j < kTilesPerWarp; ++j) {
 #pragma unroll
-    for (int j = 0; j < kTilesPerWarp; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int64_t m = m_base + mf * 16 + r + (e >= 2 ? 8 : 0);
-        const int64_t n = block_row + warp * 16 + j * 8 + 2 * t + (e & 1);
-        if (m >= p.rows) continue;
-        if (p.splits == 1) {
-          if (n >= p.n_rows) continue;
-          const float b = p.bias ? to_acc(p.bias[n]) : 0.f;
-          p.y[m * p.ldy + n] = CudaStore<T>::from(total[mf][j][e] + b);
-        } else {
-          p.workspace[(int64_t(blockIdx.y) * p.rows + m) * p.rows_padded + n] = total[mf][j][e];
+        for (int e = 0; e < 4; ++e) {
+          const int m_local = mf * 16 + r + (e >= 2 ? 8 : 0);
+          const int n_local = warp * 16 + j * 8 + 2 * t + (e & 1);
+          if (whole) {
+            const int64_t m = int64_t(at.mb) * L::kMRows + m_local, n = int64_t(at.nb) * kBlockRows + n_local;
+            if (m < p.rows && n < p.n_rows) {
+              const float b = p.bias ? to_acc(p.bias[n]) : 0.f;
+              p.y[m * p.ldy + n] = CudaStore<T>::from(total[mf][j][e] + b);
+            }
+          } else {
+            p.partials[((int64_t(blockIdx.x) * 2 + slot) * L::kMRows + m_local) * kBlockRows + n_local] =
+                total[mf][j][e];
+          }
+          total[mf][j][e] = 0.f;
         }
       }
     }
+  };
+
+  const int64_t count = u_end - u_begin;
+  Unit loading = unit_at(u_begin, p.n_blocks, p.k_tiles);  // the unit the next load_stage fetches
+  Unit at = loading;                                       // the unit the next compute_stage uses
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < count) {
+      load_stage(s, loading);
+      loading.next(p.n_blocks, p.k_tiles);
+    }
+    cp_async_commit();
   }
+  int64_t stretch_start = u_begin;
+  int stage = 0, load_stage_index = kStages - 1;
+  for (int64_t i = 0; i < count; ++i) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    if (i + kStages - 1 < count) {
+      load_stage(load_stage_index, loading);
+      loading.next(p.n_blocks, p.k_tiles);
+    }
+    load_stage_index = load_stage_index + 1 == kStages ? 0 : load_stage_index + 1;
+    cp_async_commit();
+    const int64_t u = u_begin + i;
+    const bool seg_first = u == u_begin || at.kt == 0;
+    const bool seg_last = u + 1 == u_end || at.kt == p.k_tiles - 1;
+    if (seg_first) stretch_start = u;
+    compute_stage(stage, at, seg_first, seg_last);
+    if (seg_last) {
+      const bool whole = at.kt == p.k_tiles - 1 && u - stretch_start == p.k_tiles - 1;
+      finish_block(at, whole, stretch_start == u_begin ? 0 : 1);
+    }
+    stage = stage + 1 == kStages ? 0 : stage + 1;
+    at.next(p.n_blocks, p.k_tiles);
+  }
+  cp_async_wait<0>();
 }
 
-// y = sum of the split-K slices + bias, in a fixed order.
-template <class T>
-__global__ void reduce_splits_kernel(Params<T> p) {
-  const int64_t count = p.rows * p.n_rows;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t m = i / p.n_rows, n = i % p.n_rows;
+// y for the row blocks that were split across CTAs: the CTAs' partial sums in CTA order, plus
+// the bias. Blocks that one CTA finished are skipped (already in y).
+template <class T, int MF>
+__global__ void fixup_kernel(Params<T> p, int ctas) {
+  constexpr int kMRows = 16 * MF;
+  const int64_t block = blockIdx.x;  // m block * n_blocks + row block
+  const int64_t ub = block * p.k_tiles, ue = ub + p.k_tiles;
+  // the CTAs whose ranges hold the block's first and last units
+  int64_t first = ub * ctas / p.units;
+  while (first + 1 < ctas && range_start(p.units, ctas, first + 1) <= ub) ++first;
+  while (first > 0 && range_start(p.units, ctas, first) > ub) --first;
+  int64_t last = first;
+  while (last + 1 < ctas && range_start(p.units, ctas, last + 1) < ue) ++last;
+  if (first == last) return;
+  const int64_t mb = block / p.n_blocks, nb = block % p.n_blocks;
+  for (int i = threadIdx.x; i < kMRows * kBlockRows; i += blockDim.x) {
+    const int m_local = i / kBlockRows, n_local = i % kBlockRows;
+    const int64_t m = mb * kMRows + m_local, n = nb * kBlockRows + n_local;
+    if (m >= p.rows || n >= p.n_rows) continue;
     float sum = p.bias ? to_acc(p.bias[n]) : 0.f;
-    for (int s = 0; s < p.splits; ++s) sum += p.workspace[(int64_t(s) * p.rows + m) * p.rows_padded + n];
+    for (int64_t c = first; c <= last; ++c) {
+      const int64_t start = range_start(p.units, ctas, c);
+      if (range_start(p.units, ctas, c + 1) == start) continue;  // an empty range
+      const int slot = (start >= ub && start < ue) ? 0 : 1;
+      sum += p.partials[((c * 2 + slot) * kMRows + m_local) * kBlockRows + n_local];
+    }
     p.y[m * p.ldy + n] = CudaStore<T>::from(sum);
   }
 }
 
 // ---- launch configuration -------------------------------------------------
 struct LaunchPlan {
-  int mf;          // m-fragments per CTA (16 rows of x each)
-  int bk;          // columns per pipeline stage
+  int mf;  // m-fragments per CTA (16 rows of x each)
+  int bk;  // columns per pipeline stage
   int m_blocks;
   int n_blocks;
   int k_tiles;
-  int splits;
-  int tiles_per_split;
+  int64_t units;
+  int ctas;
   int64_t workspace_bytes;
 };
 
@@ -411,8 +501,8 @@ int resident_ctas(int device, int mf, const void* kernel, int smem_bytes) {
   return cache[index];
 }
 
-// Split K until the grid fills whole waves: a weight with few row blocks (4096 rows make
-// 64 CTAs on 132 SMs) would otherwise leave most of the GPU idle.
+// One CTA per resident slot (never more than there are units), each with an equal share of the
+// units: the work is spread evenly whatever the row-block count.
 LaunchPlan plan_launch(int64_t rows, const PackedShape& s, int device) {
   LaunchPlan plan;
   plan.mf = rows <= 16 ? 1 : rows <= 32 ? 2 : 4;
@@ -434,33 +524,13 @@ LaunchPlan plan_launch(int64_t rows, const PackedShape& s, int device) {
   plan.n_blocks = static_cast<int>(s.rows_padded / kBlockRows);
   const int words_per_tile = plan.bk / kWordCols;
   plan.k_tiles = static_cast<int>((s.k_words + words_per_tile - 1) / words_per_tile);
-  const int64_t base = int64_t(plan.m_blocks) * plan.n_blocks;
-  double best_score = -1.0;
-  plan.splits = 1;
-  plan.tiles_per_split = plan.k_tiles;
-  for (int want = 1; want <= 16; ++want) {
-    const int per = (plan.k_tiles + want - 1) / want;
-    if (want > 1 && per < 2) break;  // a slice shorter than the pipeline is all fill and drain
-    const int splits = (plan.k_tiles + per - 1) / per;
-    const int64_t ctas = base * splits;
-    const int64_t waves = (ctas + slots - 1) / slots;
-    // Fraction of the GPU's CTA slots in use, with a small charge per extra slice (its
-    // pipeline fill and its partial sums).
-    const double score = double(ctas) / double(waves * slots) - 0.02 * (splits - 1);
-    if (score > best_score + 1e-9) {
-      best_score = score;
-      plan.splits = splits;
-      plan.tiles_per_split = per;
-    }
-    if (base >= 4 * slots) break;  // several full waves already
+  plan.units = int64_t(plan.m_blocks) * plan.n_blocks * plan.k_tiles;
+  plan.ctas = static_cast<int>(std::min<int64_t>(slots, plan.units));
+  // Tuning knob for benchmarks: FASTLOSS_QUANT_CTAS=n launches n CTAs (clamped to the units).
+  if (const char* forced = std::getenv("FASTLOSS_QUANT_CTAS")) {
+    plan.ctas = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(std::atoll(forced), plan.units)));
   }
-  // Tuning knob for benchmarks: FASTLOSS_QUANT_SPLITS=n forces n split-K slices (clamped).
-  if (const char* forced = std::getenv("FASTLOSS_QUANT_SPLITS")) {
-    const int want = std::max(1, std::min(std::atoi(forced), plan.k_tiles));
-    plan.tiles_per_split = (plan.k_tiles + want - 1) / want;
-    plan.splits = (plan.k_tiles + plan.tiles_per_split - 1) / plan.tiles_per_split;
-  }
-  plan.workspace_bytes = plan.splits > 1 ? int64_t(plan.splits) * rows * s.rows_padded * int64_t(sizeof(float)) : 0;
+  plan.workspace_bytes = int64_t(plan.ctas) * 2 * 16 * plan.mf * kBlockRows * int64_t(sizeof(float));
   return plan;
 }
 
@@ -468,13 +538,17 @@ template <class T, int MF, int BK>
 void launch(const Params<T>& params, const LaunchPlan& plan, cudaStream_t stream) {
   constexpr int smem = StageLayout<MF, BK>::kTotalBytes;
   FL_CUDA_CHECK(cudaFuncSetAttribute(quant_mma_kernel<T, MF, BK>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  const dim3 grid(plan.n_blocks, plan.splits, plan.m_blocks);
-  quant_mma_kernel<T, MF, BK><<<grid, kThreads, smem, stream>>>(params);
+  quant_mma_kernel<T, MF, BK><<<plan.ctas, kThreads, smem, stream>>>(params);
   FL_CUDA_CHECK_LAUNCH(quant_mma_kernel);
+  // Blocks split across CTAs exist unless every CTA's range is whole row blocks.
+  if (plan.units % plan.ctas != 0 || (plan.units / plan.ctas) % plan.k_tiles != 0) {
+    fixup_kernel<T, MF><<<plan.m_blocks * plan.n_blocks, 256, 0, stream>>>(params, plan.ctas);
+    FL_CUDA_CHECK_LAUNCH(fixup_kernel);
+  }
 }
 
 template <class T>
-void matmul_typed(const MatmulProblem& p, const LaunchPlan& plan, void* workspace, int device, cudaStream_t stream) {
+void matmul_typed(const MatmulProblem& p, const LaunchPlan& plan, void* workspace, cudaStream_t stream) {
   const PackedWeight& w = p.weight;
   Params<T> params;
   params.x = static_cast<const T*>(p.x);
@@ -495,21 +569,17 @@ void matmul_typed(const MatmulProblem& p, const LaunchPlan& plan, void* workspac
   params.y = static_cast<T*>(p.y);
   params.ldy = p.ldy;
   params.bias = static_cast<const T*>(p.bias);
-  params.workspace = static_cast<float*>(workspace);
-  params.splits = plan.splits;
-  params.tiles_per_split = plan.tiles_per_split;
+  params.m_blocks = plan.m_blocks;
+  params.n_blocks = plan.n_blocks;
+  params.k_tiles = plan.k_tiles;
+  params.units = plan.units;
+  params.partials = static_cast<float*>(workspace);
   if (plan.mf == 1) {
     launch<T, 1, 256>(params, plan, stream);
   } else if (plan.mf == 2) {
     launch<T, 2, 256>(params, plan, stream);
   } else {
     launch<T, 4, 128>(params, plan, stream);
-  }
-  if (plan.splits > 1) {
-    const int64_t count = p.rows * w.shape.rows;
-    const int blocks = static_cast<int>(std::min<int64_t>((count + 255) / 256, int64_t(cuda_sm_count(device)) * 8));
-    reduce_splits_kernel<T><<<std::max(blocks, 1), 256, 0, stream>>>(params);
-    FL_CUDA_CHECK_LAUNCH(reduce_splits_kernel);
   }
 }
 
@@ -530,9 +600,9 @@ void matmul_cuda(const MatmulProblem& p, void* workspace, int64_t workspace_byte
   FL_CHECK_ARG(workspace_bytes >= plan.workspace_bytes, p.op_name, ": workspace of ", workspace_bytes,
                " bytes, the launch needs ", plan.workspace_bytes, " (matmul_cuda_workspace_bytes)");
   if (p.dtype == DType::Float16) {
-    matmul_typed<__half>(p, plan, workspace, device, stream);
+    matmul_typed<__half>(p, plan, workspace, stream);
   } else {
-    matmul_typed<__nv_bfloat16>(p, plan, workspace, device, stream);
+    matmul_typed<__nv_bfloat16>(p, plan, workspace, stream);
   }
 }
 

@@ -65,7 +65,8 @@ void pack_codes_cuda(const PackedShape& shape, const int32_t* side_index, const 
 void unpack_codes_cuda(const PackedShape& shape, const int32_t* side_index, const uint32_t* main,
                        const uint32_t* side, uint8_t* codes, int device, cudaStream_t stream);
 void dequantize_cuda(const PackedWeight& w, DType out_dtype, void* out, int device, cudaStream_t stream);
-// Split-K partial sums need float32 scratch space: the caller allocates this many bytes.
+// The partial sums of row blocks shared by two CTAs need float32 scratch space: the caller
+// allocates this many bytes.
 int64_t matmul_cuda_workspace_bytes(int64_t rows, const PackedShape& shape, int device);
 void matmul_cuda(const MatmulProblem& p, void* workspace, int64_t workspace_bytes, int device, cudaStream_t stream);
 

@@ -9,7 +9,7 @@ The word arrays are int32 tensors holding the uint32 words of ``csrc/quant/packe
 The ops check their own contract; ``fastloss.quant`` and ``QuantizedWeight`` check the public
 arguments. The kernels' choice by shape is in one place: ``_matmul_cuda`` below (above
 ``DENSE_ROWS`` rows of x, dequantize once and let cuBLAS run at full tensor-core rate) and
-``plan_launch`` in ``csrc/quant/matmul_cuda.cu`` (tile height and split-K).
+``plan_launch`` in ``csrc/quant/matmul_cuda.cu`` (tile height and the stream-K CTA count).
 """
 
 from __future__ import annotations
