@@ -174,7 +174,8 @@ def _check_matmul(x, bias, shape, scales, device: str):
 
 
 def _kernel_x(x: torch.Tensor, device: str) -> torch.Tensor:
-    """x as the kernel reads it: unit column stride; on CUDA also 16-byte aligned rows."""
+    """x as the kernel reads it: unit column stride; on CUDA also 16-byte aligned rows (a
+    zero-padded copy otherwise)."""
     if device == "cpu":
         return x if x.stride(1) == 1 and x.stride(0) >= x.shape[1] else x.contiguous()
     row_ok = x.stride(1) == 1 and x.stride(0) % 8 == 0 and x.stride(0) >= x.shape[1]
