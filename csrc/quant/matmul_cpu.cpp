@@ -1,6 +1,11 @@
-// CPU y = x W^T + bias straight from the packed weight: each word tile (8 rows x 64
-// columns) is decoded once into float (q - z) values and dotted with every row of x, and
-// each group's sum is scaled once, so no dequantized copy of W is ever written.
+// CPU y = x W^T + bias straight from the packed weight, with each group's sum scaled once,
+// so no dequantized copy of W is ever written. Two loops:
+// - few rows of x (the decode of a weight is not shared): x is permuted once into the words'
+//   code order, so each byte of a packed word (four codes) meets four consecutive values of
+//   x through a 256-entry table of code values, and the zero point comes out once per group
+//   as z * sum(x);
+// - more rows: each word tile (8 rows x 64 columns) is decoded once into float (q - z) values
+//   and dotted with every row of x.
 #include <algorithm>
 #include <vector>
 
@@ -43,8 +48,103 @@ void decode_tile(const PackedWeight& w, int64_t rt, int64_t kw, const int* zeros
   }
 }
 
+// Up to this many rows of x, the code-order loop; from here on, decoding a tile once for all
+// rows is cheaper (measured on the 2-core CI machine: bench/results/python-cpu-*-quant.json).
+constexpr int64_t kCodeOrderRows = 8;
+
+// kCodeValues[b][i]: the code at plane i of byte b.
+struct CodeValueTable {
+  float values[256][4];
+  CodeValueTable() {
+    for (int b = 0; b < 256; ++b)
+      for (int i = 0; i < 4; ++i) values[b][i] = static_cast<float>((b >> (2 * i)) & 3);
+  }
+};
+const CodeValueTable kCodeValues;
+
+// sums[m] += weight * sum over the 16 codes of `word` (in plane order) of code * x_m[position],
+// for the rows x_m = x_code_order + m * stride.
+inline void word_dot(uint32_t word, float weight, const float* x_code_order, int64_t stride, int64_t rows,
+                                  float* sums) {
+  const float* codes[4];
+  for (int byte = 0; byte < 4; ++byte) codes[byte] = kCodeValues.values[(word >> (8 * byte)) & 255u];
+  for (int64_t m = 0; m < rows; ++m) {
+    const float* xm = x_code_order + m * stride;
+    float sum[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int byte = 0; byte < 4; ++byte)
+      for (int i = 0; i < 4; ++i) sum[i] += codes[byte][i] * xm[4 * byte + i];
+    sums[m] += weight * ((sum[0] + sum[1]) + (sum[2] + sum[3]));
+  }
+}
+
+// totals[(n - begin) * M + m] = sum over groups of s * (sum q x - z sum x), rows n in [begin, end).
+FL_CPU_MULTIVERSION void code_order_rows(const PackedWeight& w, const float* x_code, const float* x_sum, int64_t M,
+                                         int64_t begin, int64_t end, float* totals, float* group_sum) {
+  const PackedShape& s = w.shape;
+  const int64_t words_per_group = s.words_per_group(), stride = s.k_words * kWordCols;
+  for (int64_t n = begin; n < end; ++n) {
+    const int64_t rt = n / kTileRows;
+    const int r = static_cast<int>(n % kTileRows);
+    float* total = totals + (n - begin) * M;
+    for (int64_t m = 0; m < M; ++m) total[m] = 0.f;
+    for (int64_t group = 0; group < s.groups; ++group) {
+      const int32_t rank = w.side_index[group];
+      for (int64_t m = 0; m < M; ++m) group_sum[m] = 0.f;
+      for (int64_t kw = group * words_per_group; kw < (group + 1) * words_per_group; ++kw) {
+        for (int t = 0; t < 4; ++t) {
+          const int lane = r * 4 + t;
+          const float* xc = x_code + (kw * 4 + t) * kCodesPerWord;
+          word_dot(w.main[main_word_index(s, rt, kw, lane)], 1.f, xc, stride, M, group_sum);
+          if (rank >= 0)  // q = low + 4 high
+            word_dot(w.side[side_word_index(s, rt, rank, kw % words_per_group, lane)], 4.f, xc, stride, M, group_sum);
+        }
+      }
+      const int64_t at = group * s.rows_padded + n;
+      const float scale = host_scale(w.scales, w.scale_dtype, at), zero = static_cast<float>(w.zeros[at]);
+      for (int64_t m = 0; m < M; ++m) total[m] += scale * (group_sum[m] - zero * x_sum[m * s.groups + group]);
+    }
+  }
+}
+
+template <class T>
+void matmul_code_order(const MatmulProblem& p) {
+  const PackedWeight& w = p.weight;
+  const PackedShape& s = w.shape;
+  const int64_t M = p.rows, words_per_group = s.words_per_group();
+  // x_code[m][kw][t][position] = x[m][kw * 64 + col_of_position(t, position)] (0 beyond K),
+  // and the sums of x per group.
+  std::vector<float> x_code(static_cast<size_t>(M * s.k_words * kWordCols)), x_sum(static_cast<size_t>(M * s.groups), 0.f);
+  const T* x = static_cast<const T*>(p.x);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t kw = 0; kw < s.k_words; ++kw) {
+      float* dst = x_code.data() + (m * s.k_words + kw) * kWordCols;
+      float group_part = 0.f;
+      for (int t = 0; t < 4; ++t) {
+        for (int position = 0; position < kCodesPerWord; ++position) {
+          const int64_t k = kw * kWordCols + col_of_position(t, position);
+          const float v = k < s.cols ? to_acc(x[m * p.ldx + k]) : 0.f;
+          dst[t * kCodesPerWord + position] = v;
+          group_part += v;
+        }
+      }
+      x_sum[m * s.groups + kw / words_per_group] += group_part;
+    }
+  }
+  parallel_for(s.rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> total((end - begin) * M), group_sum(M);
+    code_order_rows(w, x_code.data(), x_sum.data(), M, begin, end, total.data(), group_sum.data());
+    const T* bias = static_cast<const T*>(p.bias);
+    T* y = static_cast<T*>(p.y);
+    for (int64_t n = begin; n < end; ++n) {
+      const float b = bias ? to_acc(bias[n]) : 0.f;
+      for (int64_t m = 0; m < M; ++m) y[m * p.ldy + n] = StoreAs<T>::from(total[(n - begin) * M + m] + b);
+    }
+  });
+}
+
 template <class T>
 void matmul_typed(const MatmulProblem& p) {
+  if (p.rows <= kCodeOrderRows) return matmul_code_order<T>(p);
   const PackedWeight& w = p.weight;
   const PackedShape& s = w.shape;
   const int64_t M = p.rows, K_pad = s.cols_padded();
