@@ -90,7 +90,9 @@ def test_cuda_and_cpu_agree_bit_for_bit():
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 4e-3}
 
 
-def _check_matmul(qw, m, dtype, device, with_bias=True, seed=0):
+def _check_matmul(qw, m, dtype, device, with_bias=True, seed=0, original=None):
+    """original: the (codes, scales, zeros) qw was packed from; the float64 reference is built
+    from them (else from qw's own unpacked arrays)."""
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(m, qw.in_features, generator=generator).to(device, dtype)
     bias = torch.randn(qw.out_features, generator=generator).to(device, dtype) if with_bias else None
@@ -101,8 +103,8 @@ def _check_matmul(qw, m, dtype, device, with_bias=True, seed=0):
     error = float((actual.float() - expected).norm() / expected.norm().clamp_min(1e-30))
     assert error <= TOLERANCE[dtype], f"relative error {error:.2e} at M={m}"
     # and against the float64 reference written from the codes
-    exact = R.matmul(x.cpu(), qw.codes().cpu(), qw.scale_matrix().cpu(), qw.zero_matrix().cpu(), qw.group_size,
-                     bias.cpu() if with_bias else None)  # fmt: skip
+    codes, scales, zeros = original if original is not None else (qw.codes(), qw.scale_matrix(), qw.zero_matrix())
+    exact = R.matmul(x.cpu(), codes.cpu(), scales.cpu(), zeros.cpu(), qw.group_size, bias.cpu() if with_bias else None)
     error64 = float((actual.cpu().double() - exact).norm() / exact.norm().clamp_min(1e-30))
     assert error64 <= TOLERANCE[dtype], f"relative error {error64:.2e} against float64 at M={m}"
 
@@ -110,16 +112,16 @@ def _check_matmul(qw, m, dtype, device, with_bias=True, seed=0):
 @pytest.mark.parametrize("m", [1, 3, 8, 9, 16, 64, 257])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_matmul_matches_dequantized_weight(device, m, dtype):
-    qw, *_ = _random_qw(200, 512, 128, "mixed", device, dtype, seed=m)
-    _check_matmul(qw, m, dtype, device)
+    qw, *original = _random_qw(200, 512, 128, "mixed", device, dtype, seed=m)
+    _check_matmul(qw, m, dtype, device, original=original)
 
 
 @pytest.mark.parametrize("m", [1, 5, 17, 33, 100])
 @pytest.mark.parametrize("mode", ["2bit", "4bit", "mixed"])
 @pytest.mark.parametrize("n,k,g", GRID_SHAPES)
 def test_matmul_awkward_shapes(device, m, mode, n, k, g):
-    qw, *_ = _random_qw(n, k, g, mode, device, torch.float16, seed=m * 7 + n)
-    _check_matmul(qw, m, torch.float16, device, with_bias=(m % 2 == 1), seed=m)
+    qw, *original = _random_qw(n, k, g, mode, device, torch.float16, seed=m * 7 + n)
+    _check_matmul(qw, m, torch.float16, device, with_bias=(m % 2 == 1), seed=m, original=original)
 
 
 def test_matmul_float32_on_cpu():
@@ -130,9 +132,9 @@ def test_matmul_float32_on_cpu():
 @pytest.mark.parametrize("k,g", [(8192, 128), (4096, 512), (1536, 64)])
 def test_matmul_long_rows(device, k, g):
     """Long K: on CUDA, CTA ranges that split row blocks and groups that span pipeline stages."""
-    qw, *_ = _random_qw(96, k, g, "mixed", device, torch.bfloat16, seed=k)
+    qw, *original = _random_qw(96, k, g, "mixed", device, torch.bfloat16, seed=k)
     for m in (1, 7, 40):
-        _check_matmul(qw, m, torch.bfloat16, device, seed=m)
+        _check_matmul(qw, m, torch.bfloat16, device, seed=m, original=original)
 
 
 def test_matmul_leading_dims_and_strided_x(device):
@@ -237,25 +239,45 @@ def test_state_dict_round_trip_and_moves(device):
         Q.QuantizedWeight.from_state_dict(bad)
 
 
-def _mlp(generator):
-    torch.manual_seed(int(torch.randint(0, 1 << 30, (1,), generator=generator)))
+def _mlp(seed: int = 0) -> torch.nn.Sequential:
+    torch.manual_seed(seed)
     return torch.nn.Sequential(
         torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.LayerNorm(512), torch.nn.Linear(512, 512), torch.nn.GELU(),
         torch.nn.Linear(512, 10),
     )  # fmt: skip
 
 
-def test_quantized_mlp_keeps_its_top1(device):
-    dtype = torch.float16 if device == "cuda" else torch.float32
+def _trained_classifier():
+    """A small MLP trained (150 Adam steps) on 10 noisy Gaussian clusters in 256-d, and held-out
+    inputs: a model whose decisions mean something, as a language model's do, unlike a random one."""
     generator = torch.Generator().manual_seed(0)
-    model = _mlp(generator).to(device)
-    # a model whose decisions are clear: the last layer separates 10 directions of the features
-    x = torch.randn(256, 256, generator=generator).to(device)
+    centers = torch.randn(10, 256, generator=generator)
+
+    def batch(n, gen):
+        y = torch.randint(0, 10, (n,), generator=gen)
+        return centers[y] + 2.0 * torch.randn(n, 256, generator=gen), y
+
+    model = _mlp()
+    optimizer = torch.optim.Adam(model.parameters(), 1e-3)
+    for _ in range(150):
+        x, y = batch(256, generator)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model, batch(1024, torch.Generator().manual_seed(5))[0]
+
+
+def test_quantized_mlp_keeps_its_top1(device):
+    """The issue's model check: 2-bit weights with 25% 4-bit K-blocks, quantized vs dense logits."""
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    model, x = _trained_classifier()
+    model, x = model.to(device), x.to(device)
     with torch.no_grad():
         reference = model(x).argmax(-1)
-    quantized = _mlp(torch.Generator().manual_seed(0)).to(device)
+    quantized = _mlp().to(device)
     quantized.load_state_dict(model.state_dict())
-    report = Q.quantize_model(quantized, bits=4, group_size=64, scale_dtype=torch.float16 if dtype == torch.float16 else None)
+    report = Q.quantize_model(quantized, frac_4bit=0.25, group_size=64, scale_dtype=torch.float16)
     assert set(report) == {"0", "3", "5"}
     assert isinstance(quantized[1], torch.nn.GELU) and isinstance(quantized[2], torch.nn.LayerNorm)
     assert all(isinstance(quantized[i], Q.QuantLinear) for i in (0, 3, 5))
@@ -263,12 +285,15 @@ def test_quantized_mlp_keeps_its_top1(device):
     with torch.no_grad():
         agreement = float((quantized.to(dtype)(x.to(dtype)).argmax(-1) == reference).float().mean())
     assert agreement >= 0.9, agreement
-    assert all(0 < entry["relative_output_error"] < 0.2 for entry in report.values())
+    # 2-bit g64 with a quarter of the K-blocks in 4 bits: about 0.3 relative error per layer
+    assert all(0.1 < entry["relative_output_error"] < 0.45 for entry in report.values())
+    # (the 10-row head is padded to 64 rows, so its bits per weight are far higher)
+    assert all(2.5 < report[name]["bits_per_weight"] < 3.5 for name in ("0", "3"))
 
 
 def test_quantize_model_skip_and_calibration():
     generator = torch.Generator().manual_seed(1)
-    model = _mlp(generator)
+    model = _mlp(1)
     calibration = torch.randn(64, 256, generator=generator)
     report = Q.quantize_model(model, skip=["5"], calibration=calibration, select="hessian", frac_4bit=0.25, group_size=64)
     assert set(report) == {"0", "3"} and isinstance(model[5], torch.nn.Linear)
@@ -335,3 +360,64 @@ def test_stream_k_ranges_of_any_length(monkeypatch, ctas):
         _check_matmul(qw, m, torch.float16, "cuda", seed=m)
         x = torch.randn(m, 1000, device="cuda", dtype=torch.float16)
         assert torch.equal(Q.matmul(x, qw), Q.matmul(x, qw))
+
+
+def test_quantize_model_is_all_or_nothing():
+    """A layer that cannot be quantized (hessian selection, but calibration never runs it) raises
+    naming the layer, and no layer has been replaced."""
+    model = torch.nn.ModuleDict({"a": torch.nn.Linear(128, 64), "unused": torch.nn.Linear(128, 64)})
+    with pytest.raises(ValueError, match="layer 'unused'"):
+        Q.quantize_model(model, calibration=lambda m: m["a"](input=torch.randn(4, 128)), select="hessian", group_size=64)
+    assert all(isinstance(layer, torch.nn.Linear) for layer in model.values())
+
+
+def test_corrupted_packed_arrays_are_refused(device):
+    qw = Q.quantize(torch.randn(64, 512), frac_4bit=0.5, group_size=128).to(device)
+    state = {k: v.clone() for k, v in qw.state_dict().items()}
+    bad_rank = dict(state, side_index=torch.tensor([0, 7, 100000, -1], dtype=torch.int32, device=device))
+    with pytest.raises(ValueError, match="'side_index' must number"):
+        Q.QuantizedWeight.from_state_dict(bad_rank)
+    bad_zero = dict(state, zeros=torch.full_like(state["zeros"], 200))
+    with pytest.raises(ValueError, match="zero point does not fit"):
+        Q.QuantizedWeight.from_state_dict(bad_zero)
+    layer = Q.QuantLinear(qw)
+    corrupted = dict(layer.state_dict(), side_index=bad_rank["side_index"])
+    with pytest.raises(ValueError, match="'side_index' must number"):
+        layer.load_state_dict(corrupted)
+
+
+@requires_cuda
+def test_misaligned_packed_arrays_are_refused_on_cuda():
+    qw = Q.quantize(torch.randn(64, 256), group_size=64).cuda()
+    shifted = torch.empty(qw.main.numel() + 1, dtype=torch.int32, device="cuda")[1:]
+    shifted.copy_(qw.main)
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        Q.QuantizedWeight(main=shifted, side=qw.side, side_index=qw.side_index, scales=qw.scales, zeros=qw.zeros,
+                          shape=qw.shape, group_size=qw.group_size)  # fmt: skip
+
+
+def test_quant_linear_scale_conversions():
+    layer = Q.QuantLinear.from_linear(torch.nn.Linear(128, 64), group_size=64)
+    scales = layer.scales.clone()
+    layer.float()  # the format keeps 16-bit scales
+    assert layer.scales.dtype == torch.float16 and torch.equal(layer.scales, scales)
+    layer.bfloat16()
+    assert layer.scales.dtype == torch.bfloat16 and torch.equal(layer.scales, scales.to(torch.bfloat16))
+    x = torch.randn(3, 128)
+    expected = x @ layer.qweight.dequantize(torch.float32).t() + layer.bias.float()
+    assert torch.allclose(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_more_bad_arguments():
+    weight = torch.randn(64, 256)
+    with pytest.raises(ValueError, match="frac_4bit"):
+        Q.quantize(weight, frac_4bit=True)
+    with pytest.raises(ValueError, match="select"):
+        Q.quantize(weight, bits=4, select="bogus")
+    codes, scales = torch.zeros(4, 64, dtype=torch.uint8), torch.ones(4, 1, dtype=torch.float16)
+    with pytest.raises(ValueError, match="group_size must be a power of two"):
+        Q.QuantizedWeight.from_codes(codes, scales, torch.zeros(4, 1, dtype=torch.uint8), [2], 0)
+    with pytest.raises(ValueError, match="'zeros' must be an integer tensor"):
+        Q.QuantizedWeight.from_codes(codes, scales, torch.full((4, 1), 1.7), [2], 64)
+    with pytest.raises(ValueError, match=r"'bias' must have shape \(64,\), got \(3,\)"):
+        Q.QuantLinear(Q.quantize(weight, group_size=64), torch.zeros(3))

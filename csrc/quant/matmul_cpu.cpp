@@ -194,6 +194,19 @@ void matmul_typed(const MatmulProblem& p) {
 void matmul_cpu(const MatmulProblem& p) {
   validate_matmul(p, /*cuda=*/false);
   if (p.rows == 0) return;
+  // Long batches go in slices of rows, so the float32 copy of x stays small.
+  constexpr int64_t kSliceRows = 256;
+  if (p.rows > kSliceRows) {
+    const int64_t x_bytes = p.dtype == DType::Float32 ? 4 : 2;
+    for (int64_t m0 = 0; m0 < p.rows; m0 += kSliceRows) {
+      MatmulProblem slice = p;
+      slice.rows = std::min(kSliceRows, p.rows - m0);
+      slice.x = static_cast<const char*>(p.x) + m0 * p.ldx * x_bytes;
+      slice.y = static_cast<char*>(p.y) + m0 * p.ldy * x_bytes;
+      matmul_cpu(slice);
+    }
+    return;
+  }
   switch (p.dtype) {
     case DType::Float32: return matmul_typed<float>(p);
     case DType::Float16: return matmul_typed<Half>(p);

@@ -177,8 +177,10 @@ struct StageLayout {
   static constexpr int kZeroOffset = kScaleOffset + kScaleBytes;
   static constexpr int kFlagOffset = kZeroOffset + kZeroBytes;  // per word: 1 if its K-block is 4-bit
   static constexpr int kFlagBytes = 16;
-  static constexpr int kBytes = kFlagOffset + kFlagBytes;  // multiple of 16: every part is
+  static constexpr int kBytes = kFlagOffset + kFlagBytes;
   static constexpr int kTotalBytes = kBytes * kStages;
+  static_assert(kWordsPerStage * 4 <= kFlagBytes, "one int flag per word of a stage");
+  static_assert(kBytes % 16 == 0, "every part of a stage is a multiple of 16 bytes, for cp.async");
 };
 
 // Where a unit sits: m block, row block and K-tile. The kernel steps through its range with

@@ -54,12 +54,13 @@ void pack_codes_cpu(const PackedShape& shape, const int32_t* side_index, const u
 // codes: [N][K] uint8.
 void unpack_codes_cpu(const PackedShape& shape, const int32_t* side_index, const uint32_t* main, const uint32_t* side,
                       uint8_t* codes);
-// out: [N][K] of out_dtype (float32, float16 or bfloat16).
+// out: [N][K] of out_dtype (float32, float16, bfloat16 or float64).
 void dequantize_cpu(const PackedWeight& w, DType out_dtype, void* out);
 void matmul_cpu(const MatmulProblem& p);
 
-// ---- CUDA ---- (same contracts; x needs ldx % 8 == 0 and 16-byte alignment, the dtype of x
-// must be the scale dtype.)
+// ---- CUDA ---- (same contracts; x needs ldx % 8 == 0 and 16-byte alignment, and so do the
+// packed arrays (main, side, scales, zeros), which cp.async copies in 16-byte chunks; the dtype
+// of x must be the scale dtype.)
 void pack_codes_cuda(const PackedShape& shape, const int32_t* side_index, const uint8_t* codes, int64_t ld,
                      uint32_t* main, uint32_t* side, int device, cudaStream_t stream);
 void unpack_codes_cuda(const PackedShape& shape, const int32_t* side_index, const uint32_t* main,

@@ -34,6 +34,9 @@ void validate_matmul(const MatmulProblem& p, bool cuda) {
                  dtype_name(w.scale_dtype), "; convert one of them (QuantizedWeight.to(dtype))");
     FL_CHECK_ARG(p.ldx % 8 == 0 && reinterpret_cast<uintptr_t>(p.x) % 16 == 0, p.op_name,
                  ": the CUDA kernel reads x in 16-byte chunks; its rows must be 16-byte aligned");
+    const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+    FL_CHECK_ARG(aligned(w.main) && aligned(w.side) && aligned(w.scales) && aligned(w.zeros), p.op_name,
+                 ": the packed arrays (main, side, scales, zeros) must be 16-byte aligned for the CUDA kernel's copies");
   } else {
     FL_CHECK_ARG(p.dtype == DType::Float32 || p.dtype == DType::Float16 || p.dtype == DType::BFloat16, p.op_name,
                  ": x must be float32, float16 or bfloat16, got ", dtype_name(p.dtype));

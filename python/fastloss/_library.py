@@ -47,11 +47,12 @@ def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An output buffer for a kernel to fill. With poisoning on (tests), it starts as NaN so that
-    an element a kernel forgets to write cannot pass for a correct value."""
+    """An output buffer for a kernel to fill. With poisoning on (tests), it starts as NaN (integer
+    buffers: all bits set) so that an element a kernel forgets to write cannot pass for a correct
+    value."""
     out = torch.empty(shape, dtype=dtype, device=device)
-    if _settings["poison_outputs"] and out.is_floating_point():
-        out.fill_(float("nan"))
+    if _settings["poison_outputs"]:
+        out.fill_(float("nan") if out.is_floating_point() else -1 if dtype.is_signed else torch.iinfo(dtype).max)
     return out
 
 

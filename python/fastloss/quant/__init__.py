@@ -55,7 +55,7 @@ def quantize(
     if double_quant:
         raise ValueError(f"{fn}: 'double_quant' (second-order quantized scales) is not part of format version "
                          f"{FORMAT_VERSION}; the scales are stored in float16/bfloat16")  # fmt: skip
-    if not isinstance(frac_4bit, (int, float)) or not 0.0 <= float(frac_4bit) <= 1.0:
+    if isinstance(frac_4bit, bool) or not isinstance(frac_4bit, (int, float)) or not 0.0 <= float(frac_4bit) <= 1.0:
         raise ValueError(f"{fn}: 'frac_4bit' must be in [0, 1], got {frac_4bit!r}")
     if scale_dtype is None:
         scale_dtype = weight.dtype if isinstance(weight, torch.Tensor) and weight.dtype in _format.SCALE_TYPES else torch.float16
@@ -63,6 +63,7 @@ def quantize(
     group_size = _quantizer._check_group_size(group_size)
     groups = -(-weight.shape[1] // group_size)
     if bits == 4:
+        _quantizer._check_choice("select", select, _quantizer.SELECTS)  # unused, but a typo is still an error
         four = torch.ones(groups, dtype=torch.bool, device=weight.device)
     else:
         extra = {"hessian": hessian} if hessian is not None else {}

@@ -7,7 +7,7 @@ import torch
 
 from .. import _C
 from .. import _library as L
-from . import _ops
+from . import _ops, _quantizer
 
 FORMAT_VERSION: int = int(_C.quant_format_version)
 SCALE_TYPES = (torch.float16, torch.bfloat16)
@@ -32,7 +32,9 @@ class QuantizedWeight:
         self.main, self.side, self.side_index, self.scales, self.zeros = main, side, side_index, scales, zeros
         self.shape = (int(shape[0]), int(shape[1]))
         self.group_size = int(group_size)
-        self._packed_shape()  # validates sizes and dtypes
+        packed = self._packed_shape()  # validates sizes and dtypes
+        if L.may_inspect_values(self.side_index):  # and the values the kernels index with
+            _ops.check_contents("quant.QuantizedWeight", self.side_index, self.zeros, packed.side_groups)
 
     # ---- construction --------------------------------------------------------------------------
     @classmethod
@@ -43,8 +45,10 @@ class QuantizedWeight:
         fn = "fastloss.quant.QuantizedWeight.from_codes"
         if not isinstance(codes, torch.Tensor) or codes.dim() != 2 or codes.dtype not in (torch.uint8, torch.int32, torch.int64):
             raise ValueError(f"{fn}: 'codes' must be a 2-D integer tensor")
+        if not isinstance(zeros, torch.Tensor) or zeros.is_floating_point() or zeros.is_complex():
+            raise ValueError(f"{fn}: 'zeros' must be an integer tensor")
         rows, cols = codes.shape
-        group_size = int(group_size)
+        group_size = _quantizer._check_group_size(group_size, fn)
         groups = -(-cols // group_size) if group_size > 0 else 0
         group_bits = torch.as_tensor(group_bits, device=codes.device).reshape(-1)
         if group_bits.numel() != groups:

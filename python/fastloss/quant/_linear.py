@@ -16,8 +16,9 @@ class QuantLinear(torch.nn.Module):
 
     The packed arrays are buffers: ``state_dict``, ``.to(device)`` and ``.cuda()`` carry them.
     ``.half()`` / ``.bfloat16()`` (or ``.to(dtype)``) convert the scales, as the CUDA kernel takes
-    activations of the scales' dtype; a conversion to any other dtype (``.float()``) leaves the
-    scales as they are, since the format stores them in 16 bits. The bias is a Parameter.
+    activations of the scales' dtype; converting fp16 scales to bfloat16 rounds them (the weight
+    changes slightly, and converting back does not restore it). A conversion to any other dtype
+    (``.float()``) leaves the scales as they are, since the format stores them in 16 bits. The bias is a Parameter.
     Build one with ``QuantLinear.from_linear``.
     """
 
@@ -31,9 +32,11 @@ class QuantLinear(torch.nn.Module):
             self.register_buffer(name, getattr(qweight, name))
         if bias is not None:
             if bias.shape != (self.out_features,):
-                raise ValueError(f"fastloss.quant.QuantLinear: 'bias' must have {self.out_features} entries")
+                raise ValueError(f"fastloss.quant.QuantLinear: 'bias' must have shape ({self.out_features},), got {tuple(bias.shape)}")
             bias = torch.nn.Parameter(bias.detach().to(qweight.dtype).clone(), requires_grad=bias.requires_grad)
         self.bias = bias
+        # A loaded state must be a valid packed weight too (its ranks index the side array).
+        self.register_load_state_dict_post_hook(_check_loaded_state)
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, **quant_args) -> "QuantLinear":
@@ -83,6 +86,10 @@ class QuantLinear(torch.nn.Module):
                 f"bits_per_weight={qw.bits_per_weight:.3f}, bias={self.bias is not None}")  # fmt: skip
 
 
+def _check_loaded_state(module: QuantLinear, _incompatible_keys) -> None:
+    module.qweight  # noqa: B018  (building the QuantizedWeight validates the arrays and their values)
+
+
 def _skipped(name: str, skip) -> bool:
     if skip is None:
         return False
@@ -98,9 +105,14 @@ def _collect_inputs(model: torch.nn.Module, names: Iterable[str], calibration) -
     or a tensor / tuple of tensors passed as ``model(*calibration)``."""
     modules = dict(model.named_modules())
     seen: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-    hooks = [modules[name].register_forward_pre_hook(
-        lambda _module, args, name=name: seen[name].append(args[0].detach().reshape(-1, args[0].shape[-1])))
-        for name in names]  # fmt: skip
+    def record(name):
+        def hook(_module, args, kwargs):
+            x = args[0] if args else kwargs["input"]
+            seen[name].append(x.detach().reshape(-1, x.shape[-1]))
+
+        return hook
+
+    hooks = [modules[name].register_forward_pre_hook(record(name), with_kwargs=True) for name in names]
     try:
         with torch.no_grad():
             if callable(calibration):
@@ -132,25 +144,36 @@ def quantize_model(model: torch.nn.Module, *, skip=None, calibration=None, **qua
 
     names = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear) and not _skipped(name, skip)]
     inputs = _collect_inputs(model, names, calibration) if calibration is not None else {}
+    # Quantize every layer first and swap them in only when all have succeeded, so that an error
+    # (named after its layer) leaves the model as it was.
+    replacements: list[tuple[torch.nn.Module, str, QuantLinear]] = []
     report: dict[str, dict] = {}
     for name in names:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         linear = getattr(parent, attr)
         args = dict(quant_args)
-        if name in inputs and args.get("select") == "hessian" and "hessian" not in args:
+        if args.get("select") == "hessian" and "hessian" not in args:
+            if name not in inputs:
+                raise ValueError(f"fastloss.quant.quantize_model: layer '{name}': select='hessian' needs its inputs, "
+                                 f"but the calibration run never called it")  # fmt: skip
             args["hessian"] = inputs[name]
-        quantized = QuantLinear.from_linear(linear, **args)
+        try:
+            quantized = QuantLinear.from_linear(linear, **args)
+        except (ValueError, TypeError) as error:
+            raise type(error)(f"fastloss.quant.quantize_model: layer '{name}': {error}") from error
         weight = linear.weight.detach()
         if name in inputs:
             x = inputs[name].to(weight.dtype)
         else:
             generator = torch.Generator(device="cpu").manual_seed(0)
             x = torch.randn(64, weight.shape[1], generator=generator).to(weight.device, weight.dtype)
-        dense = (x.float() @ weight.float().t())
+        dense = x.float() @ weight.float().t()
         approx = x.float() @ quantized.qweight.dequantize(torch.float32).t()
         error = float(torch.linalg.norm(dense - approx) / torch.linalg.norm(dense).clamp_min(1e-30))
-        setattr(parent, attr, quantized)
+        replacements.append((parent, attr, quantized))
         report[name] = {"bits_per_weight": quantized.qweight.bits_per_weight, "relative_output_error": error,
                         "shape": tuple(weight.shape)}  # fmt: skip
+    for parent, attr, quantized in replacements:
+        setattr(parent, attr, quantized)
     return report

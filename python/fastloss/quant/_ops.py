@@ -67,7 +67,25 @@ def _check_arrays(fn, main, side, side_index, rows, cols, group_size, scales=Non
     tensors = [main, side, side_index] + ([scales, zeros] if scales is not None else [])
     if len({t.device for t in tensors}) != 1:
         raise ValueError(f"fastloss.{fn}: all packed arrays must be on one device")
+    if main.device.type == "cuda" and any(t.numel() and t.data_ptr() % 16 for t in tensors):
+        raise ValueError(f"fastloss.{fn}: the packed arrays must be 16-byte aligned on CUDA (the kernel copies "
+                         f"16-byte chunks); use contiguous copies, not views at an offset")  # fmt: skip
     return shape
+
+
+def check_contents(fn: str, side_index: torch.Tensor, zeros: torch.Tensor | None, side_groups: int) -> None:
+    """The values the kernels index with: side_index must rank the 4-bit K-blocks 0, 1, ... in
+    order (-1 elsewhere) and zero points must fit their K-block's bit width. Reads the arrays
+    on the host (callers skip it where that is not allowed: _library.may_inspect_values)."""
+    four = side_index >= 0
+    expected = torch.where(four, torch.cumsum(four.to(torch.int32), 0) - 1, -1).to(torch.int32)
+    if not torch.equal(side_index, expected) or int(four.sum()) != side_groups:
+        raise ValueError(f"fastloss.{fn}: 'side_index' must number the {side_groups} 4-bit K-blocks 0, 1, ... in "
+                         f"order and be -1 for 2-bit K-blocks")  # fmt: skip
+    if zeros is not None and zeros.numel():
+        levels = torch.where(four, 16, 4).to(zeros.device)
+        if bool((zeros.to(torch.int32) >= levels[:, None]).any()):
+            raise ValueError(f"fastloss.{fn}: a zero point does not fit the bit width of its K-block")
 
 
 # ---- pack / unpack ------------------------------------------------------------------------------
@@ -81,8 +99,8 @@ def _pack(device: str):
         if side_index.dtype != torch.int32 or tuple(side_index.shape) != (shape.groups,) or side_index.device != codes.device:
             raise ValueError(f"fastloss.quant_pack: 'side_index' must be int32 of shape ({shape.groups},) on {codes.device}")
         side_index = side_index.contiguous()
-        main = torch.empty(shape.main_words, dtype=torch.int32, device=codes.device)
-        side = torch.empty(shape.side_words, dtype=torch.int32, device=codes.device)
+        main = L.empty((shape.main_words,), torch.int32, codes.device)
+        side = L.empty((shape.side_words,), torch.int32, codes.device)
         args = (shape, side_index.data_ptr(), codes.data_ptr(), codes.stride(0), main.data_ptr(), side.data_ptr())
         if device == "cpu":
             L.sync_cpu_threads()
@@ -110,7 +128,7 @@ quant_pack = L.define_op(
 def _unpack(device: str):
     def impl(main, side, side_index, rows, cols, group_size):
         shape = _check_arrays("quant_unpack", main, side, side_index, rows, cols, group_size)
-        codes = torch.empty((rows, cols), dtype=torch.uint8, device=main.device)
+        codes = L.empty((rows, cols), torch.uint8, main.device)
         args = (shape, side_index.data_ptr(), main.data_ptr(), side.data_ptr(), codes.data_ptr())
         if device == "cpu":
             L.sync_cpu_threads()
