@@ -114,6 +114,17 @@ def cuda_stream(t: torch.Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream
 
 
+def launch(kernel: str, device: str, t: torch.Tensor, *args) -> None:
+    """Runs ``_C.<kernel>_cpu(*args)`` with the CPU thread count synced, or
+    ``_C.<kernel>_cuda(*args, device index, stream)`` on ``t``'s GPU and current stream."""
+    if device == "cpu":
+        sync_cpu_threads()
+        getattr(_C, f"{kernel}_cpu")(*args)
+        return
+    with on_device(t):
+        getattr(_C, f"{kernel}_cuda")(*args, t.device.index, cuda_stream(t))
+
+
 def require_cuda_kernels(fn: str, t: torch.Tensor) -> None:
     if t.device.type == "cuda" and not HAS_CUDA_KERNELS:
         raise RuntimeError(f"fastloss.{fn}: got CUDA tensors, but {REBUILD_HINT}")

@@ -79,12 +79,7 @@ def _problem(h, sh, weight_rows, target, target_weight=None, ignore_index=-100, 
 
 def _launch(device: str, name: str, t: torch.Tensor, *args) -> None:
     """Runs ``_C.spherical_factored_<name>_<device>`` with the stream arguments CUDA needs."""
-    if device == "cpu":
-        L.sync_cpu_threads()
-        getattr(_C, f"spherical_factored_{name}_cpu")(*args)
-        return
-    with L.on_device(t):
-        getattr(_C, f"spherical_factored_{name}_cuda")(*args, t.device.index, L.cuda_stream(t))
+    L.launch(f"spherical_factored_{name}", device, t, *args)
 
 
 # ---------------------------------------------------------------------------- head

@@ -101,13 +101,8 @@ def _pack(device: str):
         side_index = side_index.contiguous()
         main = L.empty((shape.main_words,), torch.int32, codes.device)
         side = L.empty((shape.side_words,), torch.int32, codes.device)
-        args = (shape, side_index.data_ptr(), codes.data_ptr(), codes.stride(0), main.data_ptr(), side.data_ptr())
-        if device == "cpu":
-            L.sync_cpu_threads()
-            _C.quant_pack_cpu(*args)
-        else:
-            with L.on_device(codes):
-                _C.quant_pack_cuda(*args, codes.device.index, L.cuda_stream(codes))
+        L.launch("quant_pack", device, codes, shape, side_index.data_ptr(), codes.data_ptr(), codes.stride(0),
+                 main.data_ptr(), side.data_ptr())  # fmt: skip
         return main, side
 
     return impl
@@ -129,13 +124,8 @@ def _unpack(device: str):
     def impl(main, side, side_index, rows, cols, group_size):
         shape = _check_arrays("quant_unpack", main, side, side_index, rows, cols, group_size)
         codes = L.empty((rows, cols), torch.uint8, main.device)
-        args = (shape, side_index.data_ptr(), main.data_ptr(), side.data_ptr(), codes.data_ptr())
-        if device == "cpu":
-            L.sync_cpu_threads()
-            _C.quant_unpack_cpu(*args)
-        else:
-            with L.on_device(main):
-                _C.quant_unpack_cuda(*args, main.device.index, L.cuda_stream(main))
+        L.launch("quant_unpack", device, main, shape, side_index.data_ptr(), main.data_ptr(), side.data_ptr(),
+                 codes.data_ptr())  # fmt: skip
         return codes
 
     return impl
@@ -157,12 +147,7 @@ def _dequantize(device: str):
             raise ValueError(f"fastloss.quant_dequantize: 'dtype' must be a floating type, got {dtype}")
         out = L.empty((rows, cols), dtype, main.device)
         weight = _packed_weight(shape, main, side, side_index, scales, zeros)
-        if device == "cpu":
-            L.sync_cpu_threads()
-            _C.quant_dequantize_cpu(weight, L.DTYPE_CODES[dtype], out.data_ptr())
-        else:
-            with L.on_device(main):
-                _C.quant_dequantize_cuda(weight, L.DTYPE_CODES[dtype], out.data_ptr(), main.device.index, L.cuda_stream(main))
+        L.launch("quant_dequantize", device, main, weight, L.DTYPE_CODES[dtype], out.data_ptr())
         return out
 
     return impl
@@ -221,15 +206,12 @@ def _matmul(device: str):
         weight = _packed_weight(shape, main, side, side_index, scales, zeros)
         args = (weight, L.DTYPE_CODES[x.dtype], xk.data_ptr(), m, xk.stride(0), bias.data_ptr() if bias is not None else 0,
                 y.data_ptr(), y.stride(0))  # fmt: skip
-        if device == "cpu":
-            L.sync_cpu_threads()
-            _C.quant_matmul_cpu(*args)
-        else:
+        if device == "cuda":  # partial sums of row blocks that two CTAs share
             with L.on_device(x):
-                index = x.device.index
-                need = _C.quant_matmul_cuda_workspace_bytes(m, shape, index)
-                workspace = torch.empty(need, dtype=torch.uint8, device=x.device)
-                _C.quant_matmul_cuda(*args, workspace.data_ptr(), need, index, L.cuda_stream(x))
+                need = _C.quant_matmul_cuda_workspace_bytes(m, shape, x.device.index)
+            workspace = torch.empty(need, dtype=torch.uint8, device=x.device)
+            args += (workspace.data_ptr(), need)
+        L.launch("quant_matmul", device, x, *args)
         return y
 
     return impl
