@@ -22,6 +22,9 @@
 
 namespace py = pybind11;
 
+// Families whose bindings live in their own file, csrc/bindings/bind_<family>.cpp.
+void bind_ot(py::module_& m);
+
 namespace {
 
 template <class T = void>
@@ -336,4 +339,5 @@ PYBIND11_MODULE(_C, m) {
   bind_spherical(m);
   bind_spherical_factored(m);
   bind_quant(m);
+  bind_ot(m);
 }

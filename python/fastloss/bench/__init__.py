@@ -29,6 +29,10 @@ class Problem:
     contenders: list[Contender]   # the first one is fastloss
     bytes_floor: int              # the fewest bytes moved through memory
     check: Callable[[], float] | None = None  # max relative difference between contenders (sanity)
+    # For compute-bound kernels: the floor in ms from another limit than bytes (say, the GPU's
+    # exponential throughput), and what that limit is. The runner uses it instead of bytes_floor.
+    floor_ms: float | None = None
+    floor_kind: str = "bytes"
 
 
 @dataclass

@@ -32,7 +32,7 @@ def run(device: torch.device, *, quick: bool = False, name_filter: str = "", com
             continue
         for problem in case.make(device, quick, compile_peer):
             difference = problem.check() if problem.check else None
-            floor_ms = problem.bytes_floor / (bandwidth * 1e9) * 1e3
+            floor_ms = problem.floor_ms if problem.floor_ms else problem.bytes_floor / (bandwidth * 1e9) * 1e3
             timings = {c.name: time_callable(c.run, device, budget_s=budget_s) for c in problem.contenders}
             base = timings[problem.contenders[0].name].median_ms
             for contender in problem.contenders:
@@ -49,6 +49,7 @@ def run(device: torch.device, *, quick: bool = False, name_filter: str = "", com
                     "samples": timing.samples,
                     "bytes_floor": problem.bytes_floor,
                     "floor_ms": floor_ms,
+                    "floor_kind": problem.floor_kind if problem.floor_ms else "bytes",
                     "x_floor": timing.median_ms / floor_ms,
                     "time_vs_fastloss": timing.median_ms / base,
                     "max_rel_grad_difference": difference,

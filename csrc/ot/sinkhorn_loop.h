@@ -1,0 +1,40 @@
+// The Sinkhorn iteration, written once for the CPU and the CUDA backends. A backend provides
+//   update_rows(eps, damping, with_error, iteration)  f <- damping * softmin_j(g) (+ row errors)
+//   update_cols(eps, damping, iteration)              g <- damping * softmin_i(f)
+//   mark_converged(iteration)                         done_at[b] = iteration where error_b <= tol
+//   all_converged()                                   may answer late (CUDA reads back asynchronously)
+//   finish(iterations_run)                            n_iter and the final error
+// Problems that converged are skipped by later updates (done_at < iteration), so a late answer only
+// costs empty launches, never changes a result.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "ot/ot_kernels.h"
+#include "ot/ot_math.h"
+
+namespace fl::ot {
+
+template <class Backend>
+void run_sinkhorn(Backend& backend, const SolveArgs& a) {
+  const bool anneal = a.eps_scaling > 0.0 && a.eps_start > a.eps;
+  double eps = anneal ? a.eps_start : a.eps;
+  int64_t iteration = 0;
+  while (iteration < a.max_iter) {
+    const bool at_target = eps <= a.eps;
+    // Convergence is only judged at the target eps: an annealing level is a warm start, not a solution.
+    const bool check = at_target && a.check_every > 0 && (iteration + 1) % a.check_every == 0;
+    const double damping = damping_factor(a.rho, eps);
+    const int32_t it = static_cast<int32_t>(iteration);
+    backend.update_rows(eps, damping, check, it);
+    if (check) backend.mark_converged(it);
+    backend.update_cols(eps, damping, it);
+    ++iteration;
+    if (check && backend.all_converged()) break;
+    if (!at_target) eps = std::max(a.eps, eps * a.eps_scaling);
+  }
+  backend.finish(static_cast<int32_t>(iteration));
+}
+
+}  // namespace fl::ot
