@@ -125,14 +125,23 @@ __global__ void __launch_bounds__(kThreads) dense_cols_softmin_kernel(SoftminPar
   }
 }
 
+// Row stride of the staged point tiles: one word of padding, so that the 16 dimensions of a point
+// written by neighbouring threads land in 16 different banks.
+template <int TM>
+constexpr int staged_stride() {
+  return 16 * TM + 1;
+}
+
 // dot[ii][jj] = x_(row0 + ty*TM + ii) . y_(col0 + tx*TM + jj) and the squared norms of those points,
-// over all dimensions in chunks of kDimChunk staged in shared memory (xs, ys: kDimChunk x 16*TM).
-// Out-of-range points read as 0. Every thread of the block must call it (it synchronizes).
+// over all dimensions in chunks of kDimChunk staged in shared memory (xs, ys: kDimChunk rows of
+// staged_stride<TM>()). Out-of-range points read as 0; a last chunk shorter than kDimChunk (d = 3)
+// only runs its own dimensions. Every thread of the block must call it (it synchronizes).
 template <class Acc, int TM>
 __device__ __forceinline__ void dot_tile(const Acc* x, int64_t len_x, int64_t row0, const Acc* y, int64_t len_y,
                                          int64_t col0, int64_t dim, Acc (&dot)[TM][TM], Acc (&x_sq)[TM],
                                          Acc (&y_sq)[TM], Acc* xs, Acc* ys) {
   constexpr int kTile = 16 * TM;
+  constexpr int kStride = staged_stride<TM>();
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
 #pragma unroll
   for (int ii = 0; ii < TM; ++ii) {
@@ -146,17 +155,18 @@ __device__ __forceinline__ void dot_tile(const Acc* x, int64_t len_x, int64_t ro
       const int r = e / kDimChunk, k = e % kDimChunk;
       const int64_t gk = k0 + k;
       const int64_t gx = row0 + r, gy = col0 + r;
-      xs[k * kTile + r] = (gx < len_x && gk < dim) ? x[gx * dim + gk] : Acc(0);
-      ys[k * kTile + r] = (gy < len_y && gk < dim) ? y[gy * dim + gk] : Acc(0);
+      xs[k * kStride + r] = (gx < len_x && gk < dim) ? x[gx * dim + gk] : Acc(0);
+      ys[k * kStride + r] = (gy < len_y && gk < dim) ? y[gy * dim + gk] : Acc(0);
     }
     __syncthreads();
-#pragma unroll
-    for (int k = 0; k < kDimChunk; ++k) {
+    const int chunk = dim - k0 < kDimChunk ? static_cast<int>(dim - k0) : kDimChunk;  // block-uniform
+#pragma unroll 4
+    for (int k = 0; k < chunk; ++k) {
       Acc xv[TM], yv[TM];
 #pragma unroll
-      for (int ii = 0; ii < TM; ++ii) xv[ii] = xs[k * kTile + ty * TM + ii];
+      for (int ii = 0; ii < TM; ++ii) xv[ii] = xs[k * kStride + ty * TM + ii];
 #pragma unroll
-      for (int jj = 0; jj < TM; ++jj) yv[jj] = ys[k * kTile + tx * TM + jj];
+      for (int jj = 0; jj < TM; ++jj) yv[jj] = ys[k * kStride + tx * TM + jj];
 #pragma unroll
       for (int ii = 0; ii < TM; ++ii) {
         x_sq[ii] += xv[ii] * xv[ii];
@@ -173,8 +183,8 @@ template <class Acc>
 __global__ void __launch_bounds__(kThreads) points_softmin_kernel(SoftminParams<Acc, Acc> p) {
   constexpr int TM = tile_per_thread<Acc>();
   constexpr int kTile = 16 * TM;
-  __shared__ Acc xs[kDimChunk * kTile];
-  __shared__ Acc ys[kDimChunk * kTile];
+  __shared__ Acc xs[kDimChunk * staged_stride<TM>()];
+  __shared__ Acc ys[kDimChunk * staged_stride<TM>()];
   __shared__ Acc hb[kTile];
   const int64_t b = blockIdx.y;
   if (is_skipped(p.done_at, b, p.iteration)) return;
@@ -310,8 +320,8 @@ template <class Acc>
 __global__ void __launch_bounds__(kThreads) points_transport_kernel(TransportParams<Acc, Acc> p) {
   constexpr int TM = tile_per_thread<Acc>();
   constexpr int kTile = 16 * TM;
-  __shared__ Acc xs[kDimChunk * kTile];
-  __shared__ Acc ys[kDimChunk * kTile];
+  __shared__ Acc xs[kDimChunk * staged_stride<TM>()];
+  __shared__ Acc ys[kDimChunk * staged_stride<TM>()];
   __shared__ Acc gb[kTile];
   __shared__ Acc weights[kTile][kTile + 1];
   __shared__ Acc src_dims[kTile][kTile + 1];
@@ -348,7 +358,7 @@ __global__ void __launch_bounds__(kThreads) points_transport_kernel(TransportPar
         const Acc plan = ot_exp(fa[ii] + gb[tx * TM + jj] - cij * p.inv_eps);
         const Acc w = plan * cost_gradient_weight<Acc>(p.p, cij);
         mass[ii] += plan;
-        total[ii] += plan * cij;
+        total[ii] += plan > Acc(0) ? plan * cij : Acc(0);  // as on the CPU: no 0 * inf
         grad_weight[ii] += w;
         weights[ty * TM + ii][tx * TM + jj] = w;
       }

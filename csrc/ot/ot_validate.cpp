@@ -1,6 +1,7 @@
 // Argument checks of the optimal-transport entry points: they run before any kernel writes, and name
 // the op and the argument.
 #include <cmath>
+#include <cstdint>
 
 #include "common/error.h"
 #include "ot/ot_kernels.h"
@@ -40,7 +41,7 @@ void validate_solve(const SolveArgs& a) {
   const char* op = "fastloss.ot.sinkhorn";
   validate_geometry(a.geom, op);
   check_eps(a.eps, op);
-  FL_CHECK_ARG(a.max_iter >= 0, op, ": max_iter must be >= 0, got ", a.max_iter);
+  FL_CHECK_ARG(a.max_iter >= 0 && a.max_iter <= INT32_MAX, op, ": max_iter must be in [0, 2^31), got ", a.max_iter);
   FL_CHECK_ARG(a.check_every >= 0, op, ": check_every must be >= 0, got ", a.check_every);
   FL_CHECK_ARG(a.tol >= 0.0, op, ": tol must be >= 0, got ", a.tol);
   FL_CHECK_ARG(a.eps_scaling == 0.0 || (a.eps_scaling > 0.0 && a.eps_scaling < 1.0), op,

@@ -115,7 +115,7 @@ void launch_transport(const TransportArgs& a, cudaStream_t stream) {
   p.mass = static_cast<Acc*>(a.mass);
   p.cost_out = static_cast<Acc*>(a.cost);
   p.grad = static_cast<Acc*>(a.grad);
-  p.inv_eps = static_cast<Acc>(1.0 / a.eps);
+  p.inv_eps = Acc(1) / static_cast<Acc>(a.eps);  // the same expression as the softmin and the CPU
   const unsigned batch = static_cast<unsigned>(g.batch);
   if (g.p == 0 && !a.transpose) {
     dense_rows_transport_kernel<DT, Acc><<<dim3(blocks_for(g.n, kWarps), batch), kThreads, 0, stream>>>(p);
@@ -171,11 +171,11 @@ void launch_plan(const PlanArgs& a, cudaStream_t stream) {
   const int64_t total = g.batch * g.n * g.m;
   if (total == 0) return;
   using DT = typename DeviceType<T>::type;
-  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(blocks_for(total, kThreads), 65535 * 8));
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((total + kThreads - 1) / kThreads, 65535 * 8));
   plan_kernel<DT, Acc><<<blocks, kThreads, 0, stream>>>(
       static_cast<const DT*>(g.cost), static_cast<const Acc*>(g.x), static_cast<const Acc*>(g.y), g.batch, g.n, g.m,
       g.dim, g.p, static_cast<const Acc*>(a.f), static_cast<const Acc*>(a.g), static_cast<const Acc*>(a.log_a),
-      static_cast<const Acc*>(a.log_b), static_cast<Acc>(1.0 / a.eps), static_cast<Acc*>(a.plan));
+      static_cast<const Acc*>(a.log_b), Acc(1) / static_cast<Acc>(a.eps), static_cast<Acc*>(a.plan));
   FL_CUDA_CHECK_LAUNCH(plan_kernel);
 }
 
@@ -251,6 +251,7 @@ struct CudaBackend {
   cudaEvent_t events[kCountSlots] = {};
   std::vector<int> pending;  // slots of checks not read yet, oldest first
   int64_t checks = 0;
+  bool finished = false;
 
   CudaBackend(const SolveArgs& args, cudaStream_t s) : a(args), w(carve_workspace(args.geom, args.workspace)), stream(s) {
     cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
@@ -258,16 +259,32 @@ struct CudaBackend {
     capturing = status != cudaStreamCaptureStatusNone;
     FL_CUDA_CHECK(cudaMemsetAsync(w.done_at, 0xff, a.geom.batch * sizeof(int32_t), stream));  // -1: running
     if (!capturing && a.check_every > 0) {
-      counts = PinnedCounts::lease();
-      for (auto& e : events) FL_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+      for (auto& e : events) {
+        const cudaError_t status_e = cudaEventCreateWithFlags(&e, cudaEventDisableTiming);
+        if (status_e != cudaSuccess) {
+          destroy_events();
+          FL_CUDA_CHECK(status_e);
+        }
+      }
+      counts = PinnedCounts::lease();  // last: nothing after it can throw in the constructor
     }
   }
   ~CudaBackend() {
-    // finish() drained every pending copy; on an exception, wait here before the slots are reused.
-    if (counts != nullptr) {
-      for (int slot : pending) cudaEventSynchronize(events[slot]);
-      for (auto& e : events) cudaEventDestroy(e);
-      PinnedCounts::give_back(counts);
+    if (counts == nullptr) {
+      destroy_events();
+      return;
+    }
+    // finish() has drained every copy into the pinned words. Leaving through an exception instead, a
+    // queued copy may not be tracked by an event: wait for the stream before the words are reused.
+    if (!finished) cudaStreamSynchronize(stream);
+    destroy_events();
+    PinnedCounts::give_back(counts);
+  }
+
+  void destroy_events() {
+    for (auto& e : events) {
+      if (e != nullptr) cudaEventDestroy(e);
+      e = nullptr;
     }
   }
 
@@ -345,6 +362,7 @@ struct CudaBackend {
     FL_CUDA_CHECK_LAUNCH(reduce_errors_kernel);
     for (int slot : pending) FL_CUDA_CHECK(cudaEventSynchronize(events[slot]));
     pending.clear();
+    finished = true;
   }
 };
 
