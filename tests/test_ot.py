@@ -120,6 +120,19 @@ def test_check_every_zero_runs_max_iter_and_warm_start_helps(device):
     assert_close(warm.cost, cold.cost, 1e-9, "warm-started cost")
 
 
+def test_eps_scaling_converges_to_the_same_solution_and_ends_at_eps(device):
+    generator = torch.Generator().manual_seed(19)
+    x = torch.rand(40, 2, generator=generator, dtype=F64).to(device)
+    y = torch.rand(30, 2, generator=generator, dtype=F64).to(device)
+    plain = fot.sinkhorn_points(x, y, eps=0.002, tol=1e-9, max_iter=100000)
+    annealed = fot.sinkhorn_points(x, y, eps=0.002, tol=1e-9, max_iter=100000, eps_scaling=0.8)
+    assert int(annealed.n_iter) < int(plain.n_iter)
+    assert_close(annealed.cost, plain.cost, 1e-7, "annealed cost")
+    # Cut short: the last of the 5 iterations still runs at eps, so the result is finite (not converged).
+    short = fot.sinkhorn_points(x, y, eps=0.002, max_iter=5, check_every=0, eps_scaling=0.5, eps_start=10.0)
+    assert torch.isfinite(short.cost) and torch.isfinite(short.f).all()
+
+
 def test_unbalanced_matches_pot(device):
     generator = torch.Generator().manual_seed(6)
     n, m = 12, 15

@@ -86,12 +86,13 @@ struct SideView {
     static_assert(kRowTile == 4, "the micro-kernel below is written for 4 rows");
     const Acc* x_row[4];
     for (int r = 0; r < 4; ++r) x_row[r] = dst + (row0 + std::min(r, rows - 1)) * d;
-    constexpr int64_t kLanes = 8;
+    // 16 lanes: two AVX2 vectors of sources, so 8 FMAs share one broadcast of each row's x_k.
+    constexpr int64_t kLanes = 16;
     int64_t t0 = 0;
     for (; t0 + kLanes <= count; t0 += kLanes) {
       Acc a0[kLanes] = {}, a1[kLanes] = {}, a2[kLanes] = {}, a3[kLanes] = {};
-      for (int64_t k = 0; k < d; ++k) {
-        const Acc* yk = srct + k * len_src + t0;
+      const Acc* yk = srct + t0;
+      for (int64_t k = 0; k < d; ++k, yk += len_src) {
         const Acc c0 = x_row[0][k], c1 = x_row[1][k], c2 = x_row[2][k], c3 = x_row[3][k];
 #pragma omp simd
         for (int64_t t = 0; t < kLanes; ++t) {

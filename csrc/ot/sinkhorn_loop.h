@@ -22,6 +22,9 @@ void run_sinkhorn(Backend& backend, const SolveArgs& a) {
   double eps = anneal ? a.eps_start : a.eps;
   int64_t iteration = 0;
   while (iteration < a.max_iter) {
+    // However short max_iter is, the last iteration runs at the target eps: the potentials must belong
+    // to the eps the value and the plan are computed with.
+    if (iteration + 1 == a.max_iter) eps = a.eps;
     const bool at_target = eps <= a.eps;
     // Convergence is only judged at the target eps: an annealing level is a warm start, not a solution.
     const bool check = at_target && a.check_every > 0 && (iteration + 1) % a.check_every == 0;

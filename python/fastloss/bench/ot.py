@@ -86,13 +86,14 @@ def _points_problems(device: torch.device, quick: bool, compile_peer: bool = Tru
     for n, d in shapes:
         x0 = torch.randn(n, d, generator=generator).to(device) / math.sqrt(d)
         y0 = (torch.randn(n, d, generator=generator) / math.sqrt(d) + 0.5 / math.sqrt(d)).to(device)
+        # GeomLoss's scaling is on blur = eps^(1/p): its eps shrinks by scaling^p per step, from diameter^p.
         steps = _geomloss_steps(x0, y0, blur, scaling) or 30
         diameter = float((torch.cat([x0, y0]).amax(0) - torch.cat([x0, y0]).amin(0)).norm())
         eps_start = diameter**2
 
         def ours(x0=x0, y0=y0, steps=steps, eps_start=eps_start):
             x = x0.clone().requires_grad_(True)
-            loss = O.sinkhorn_points(x, y0, eps=eps, max_iter=steps, check_every=0, eps_scaling=scaling,
+            loss = O.sinkhorn_points(x, y0, eps=eps, max_iter=steps, check_every=0, eps_scaling=scaling**2,
                                      eps_start=eps_start).cost  # fmt: skip
             loss.backward()
             return x.grad
@@ -145,7 +146,7 @@ def _points_problems(device: torch.device, quick: bool, compile_peer: bool = Tru
         def check(x0=x0, y0=y0, steps=steps, eps_start=eps_start):
             if geomloss is None or not dense_ok:
                 return None
-            ours_value = O.sinkhorn_points(x0, y0, eps=eps, max_iter=steps, check_every=0, eps_scaling=scaling,
+            ours_value = O.sinkhorn_points(x0, y0, eps=eps, max_iter=steps, check_every=0, eps_scaling=scaling**2,
                                            eps_start=eps_start).cost  # fmt: skip
             theirs = geomloss.SamplesLoss("sinkhorn", p=2, blur=blur, scaling=scaling, debias=False,
                                           backend="tensorized")(x0, y0)  # fmt: skip

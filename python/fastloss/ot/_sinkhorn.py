@@ -211,7 +211,8 @@ def sinkhorn(
             stops on its own.
         f0, g0: warm-start potentials (e.g. the ``f``, ``g`` of a previous solve).
         eps_scaling: anneal eps from ``eps_start`` (default: the cost range) down to eps, multiplying
-            by eps_scaling (in (0, 1)) each iteration, then iterate at eps.
+            by eps_scaling (in (0, 1)) each iteration, then iterate at eps; the last iteration always
+            runs at eps. (GeomLoss's ``scaling`` acts on blur = eps^(1/p): its eps_scaling is scaling^p.)
         rho: KL marginal penalty (unbalanced OT); None = balanced.
         grad: "envelope" (default; gradients of ``cost`` only, potentials held fixed, memory independent
             of the iteration count) or "implicit" (gradients through f, g, plan and transport_cost by
