@@ -12,6 +12,21 @@ namespace fl {
 __device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
 
+// The CUDA type of a storage type: fl::Half and fl::BFloat16 (host layouts) are __half and
+// __nv_bfloat16 in kernels; float and double are themselves.
+template <class T>
+struct DeviceType {
+  using type = T;
+};
+template <>
+struct DeviceType<Half> {
+  using type = __half;
+};
+template <>
+struct DeviceType<BFloat16> {
+  using type = __nv_bfloat16;
+};
+
 template <class T>
 struct CudaStore;
 template <>

@@ -13,6 +13,7 @@
 
 #include "common/cuda_numeric.cuh"
 #include "common/cuda_reduce.cuh"
+#include "ot/ot_kernels.h"
 #include "ot/ot_math.h"
 
 namespace fl::ot::cuda {
@@ -52,14 +53,35 @@ __device__ __forceinline__ LogSumExp<Acc> shfl_merge(LogSumExp<Acc> v, int lane_
   return v;
 }
 
-// What a softmin kernel reads and writes, in device types.
+// The geometry as a kernel sees it from one side: destinations (one output each) against sources
+// (reduced over); transpose swaps x and y. The cost matrix keeps its (n, m) layout.
 template <class T, class Acc>
-struct SoftminParams {
+struct OrientedGeometry {
   const T* cost;           // dense: (batch, n, m)
   const Acc* dst_points;   // points: (batch, len_dst, dim)
   const Acc* src_points;   // points: (batch, len_src, dim)
   int64_t len_dst, len_src, dim, n, m;
   int p;
+};
+
+template <class T, class Acc>
+OrientedGeometry<T, Acc> orient(const Geometry& g, bool transpose) {
+  OrientedGeometry<T, Acc> o;
+  o.cost = static_cast<const T*>(g.cost);
+  o.dst_points = static_cast<const Acc*>(transpose ? g.y : g.x);
+  o.src_points = static_cast<const Acc*>(transpose ? g.x : g.y);
+  o.len_dst = transpose ? g.m : g.n;
+  o.len_src = transpose ? g.n : g.m;
+  o.dim = g.dim;
+  o.n = g.n;
+  o.m = g.m;
+  o.p = g.p;
+  return o;
+}
+
+// What a softmin kernel reads and writes, in device types.
+template <class T, class Acc>
+struct SoftminParams : OrientedGeometry<T, Acc> {
   const Acc* h;
   const Acc* log_w;
   Acc* out;
@@ -235,12 +257,7 @@ __global__ void __launch_bounds__(kThreads) points_softmin_kernel(SoftminParams<
 // ---- transport statistics -------------------------------------------------------------------
 
 template <class T, class Acc>
-struct TransportParams {
-  const T* cost;
-  const Acc* dst_points;
-  const Acc* src_points;
-  int64_t len_dst, len_src, dim, n, m;
-  int p;
+struct TransportParams : OrientedGeometry<T, Acc> {
   const Acc* pot_dst;  // f for rows, g for columns
   const Acc* pot_src;
   const Acc* lw_dst;

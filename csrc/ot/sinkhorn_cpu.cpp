@@ -290,31 +290,11 @@ struct CpuBackend {
     std::fill(w.done_at, w.done_at + a.geom.batch, -1);
   }
 
-  SoftminArgs half_step(bool transpose, double eps, double damping, int32_t iteration) const {
-    SoftminArgs s;
-    s.geom = a.geom;
-    s.transpose = transpose;
-    s.eps = eps;
-    s.damping = damping;
-    s.h = transpose ? a.f : a.g;
-    s.log_w = transpose ? a.log_a : a.log_b;
-    s.out = transpose ? a.g : a.f;
-    s.done_at = w.done_at;
-    s.iteration = iteration;
-    return s;
-  }
-
   void update_rows(double eps, double damping, bool with_error, int32_t iteration) {
-    SoftminArgs s = half_step(false, eps, damping, iteration);
-    if (with_error) {
-      s.old = a.f;
-      s.log_w_dst = a.log_a;
-      s.row_err = w.row_err;
-    }
-    softmin_impl<T, Acc>(s);
+    softmin_impl<T, Acc>(half_step(a, w, false, eps, damping, iteration, with_error));
   }
   void update_cols(double eps, double damping, int32_t iteration) {
-    softmin_impl<T, Acc>(half_step(true, eps, damping, iteration));
+    softmin_impl<T, Acc>(half_step(a, w, true, eps, damping, iteration, false));
   }
 
   Acc problem_error(int64_t b) const {
@@ -339,13 +319,7 @@ struct CpuBackend {
   void finish(int32_t iterations) {
     for (int64_t b = 0; b < a.geom.batch; ++b) a.n_iter[b] = w.done_at[b] >= 0 ? w.done_at[b] + 1 : iterations;
     // The reported error is measured on the final state (at the target eps), not at the last check.
-    SoftminArgs s = half_step(false, a.eps, damping_factor(a.rho, a.eps), 0);
-    s.done_at = nullptr;
-    s.out = w.scratch;
-    s.old = a.f;
-    s.log_w_dst = a.log_a;
-    s.row_err = w.row_err;
-    softmin_impl<T, Acc>(s);
+    softmin_impl<T, Acc>(final_error_step(a, w));
     Acc* error = static_cast<Acc*>(a.error);
     for (int64_t b = 0; b < a.geom.batch; ++b) error[b] = problem_error(b);
   }

@@ -26,19 +26,6 @@ using namespace fl::ot::cuda;
 
 constexpr int64_t kMaxGridY = 65535;
 
-template <class T>
-struct DeviceType {
-  using type = T;
-};
-template <>
-struct DeviceType<Half> {
-  using type = __half;
-};
-template <>
-struct DeviceType<BFloat16> {
-  using type = __nv_bfloat16;
-};
-
 void check_batch(const Geometry& g, const char* op) {
   FL_CHECK_ARG(g.batch <= kMaxGridY, op, ": at most ", kMaxGridY, " problems per call on CUDA, got ", g.batch);
 }
@@ -53,15 +40,7 @@ void launch_softmin(const SoftminArgs& a, cudaStream_t stream) {
   if (g.batch == 0 || g.n == 0 || g.m == 0) return;
   using DT = typename DeviceType<T>::type;
   SoftminParams<DT, Acc> p{};
-  p.cost = static_cast<const DT*>(g.cost);
-  p.dst_points = static_cast<const Acc*>(a.transpose ? g.y : g.x);
-  p.src_points = static_cast<const Acc*>(a.transpose ? g.x : g.y);
-  p.len_dst = a.transpose ? g.m : g.n;
-  p.len_src = a.transpose ? g.n : g.m;
-  p.dim = g.dim;
-  p.n = g.n;
-  p.m = g.m;
-  p.p = g.p;
+  static_cast<OrientedGeometry<DT, Acc>&>(p) = orient<DT, Acc>(g, a.transpose);
   p.h = static_cast<const Acc*>(a.h);
   p.log_w = static_cast<const Acc*>(a.log_w);
   p.out = static_cast<Acc*>(a.out);
@@ -99,15 +78,7 @@ void launch_transport(const TransportArgs& a, cudaStream_t stream) {
   if (g.batch == 0 || g.n == 0 || g.m == 0) return;
   using DT = typename DeviceType<T>::type;
   TransportParams<DT, Acc> p{};
-  p.cost = static_cast<const DT*>(g.cost);
-  p.dst_points = static_cast<const Acc*>(a.transpose ? g.y : g.x);
-  p.src_points = static_cast<const Acc*>(a.transpose ? g.x : g.y);
-  p.len_dst = a.transpose ? g.m : g.n;
-  p.len_src = a.transpose ? g.n : g.m;
-  p.dim = g.dim;
-  p.n = g.n;
-  p.m = g.m;
-  p.p = g.p;
+  static_cast<OrientedGeometry<DT, Acc>&>(p) = orient<DT, Acc>(g, a.transpose);
   p.pot_dst = static_cast<const Acc*>(a.transpose ? a.g : a.f);
   p.pot_src = static_cast<const Acc*>(a.transpose ? a.f : a.g);
   p.lw_dst = static_cast<const Acc*>(a.transpose ? a.log_b : a.log_a);
@@ -288,31 +259,11 @@ struct CudaBackend {
     }
   }
 
-  SoftminArgs half_step(bool transpose, double eps, double damping, int32_t iteration) const {
-    SoftminArgs s;
-    s.geom = a.geom;
-    s.transpose = transpose;
-    s.eps = eps;
-    s.damping = damping;
-    s.h = transpose ? a.f : a.g;
-    s.log_w = transpose ? a.log_a : a.log_b;
-    s.out = transpose ? a.g : a.f;
-    s.done_at = w.done_at;
-    s.iteration = iteration;
-    return s;
-  }
-
   void update_rows(double eps, double damping, bool with_error, int32_t iteration) {
-    SoftminArgs s = half_step(false, eps, damping, iteration);
-    if (with_error) {
-      s.old = a.f;
-      s.log_w_dst = a.log_a;
-      s.row_err = w.row_err;
-    }
-    launch_softmin<T, Acc>(s, stream);
+    launch_softmin<T, Acc>(half_step(a, w, false, eps, damping, iteration, with_error), stream);
   }
   void update_cols(double eps, double damping, int32_t iteration) {
-    launch_softmin<T, Acc>(half_step(true, eps, damping, iteration), stream);
+    launch_softmin<T, Acc>(half_step(a, w, true, eps, damping, iteration, false), stream);
   }
 
   void mark_converged(int32_t iteration) {
@@ -350,13 +301,7 @@ struct CudaBackend {
     const Geometry& g = a.geom;
     n_iter_kernel<<<blocks_for(g.batch, kThreads), kThreads, 0, stream>>>(w.done_at, g.batch, iterations, a.n_iter);
     FL_CUDA_CHECK_LAUNCH(n_iter_kernel);
-    SoftminArgs s = half_step(false, a.eps, damping_factor(a.rho, a.eps), 0);
-    s.done_at = nullptr;
-    s.out = w.scratch;
-    s.old = a.f;
-    s.log_w_dst = a.log_a;
-    s.row_err = w.row_err;
-    launch_softmin<T, Acc>(s, stream);
+    launch_softmin<T, Acc>(final_error_step(a, w), stream);
     reduce_errors_kernel<Acc><<<static_cast<unsigned>(g.batch), kThreads, 0, stream>>>(
         static_cast<const Acc*>(w.row_err), g.n, Acc(0), w.done_at, 0, static_cast<Acc*>(a.error));
     FL_CUDA_CHECK_LAUNCH(reduce_errors_kernel);

@@ -13,8 +13,40 @@
 
 #include "ot/ot_kernels.h"
 #include "ot/ot_math.h"
+#include "ot/solve_workspace.h"
 
 namespace fl::ot {
+
+// The half-steps of a solve as softmin arguments, shared by the backends. Rows (transpose = false):
+// f <- softmin_j(g), with the row errors when asked; columns: g <- softmin_i(f).
+inline SoftminArgs half_step(const SolveArgs& a, const SolveWorkspace& w, bool transpose, double eps, double damping,
+                             int32_t iteration, bool with_error) {
+  SoftminArgs s;
+  s.geom = a.geom;
+  s.transpose = transpose;
+  s.eps = eps;
+  s.damping = damping;
+  s.h = transpose ? a.f : a.g;
+  s.log_w = transpose ? a.log_a : a.log_b;
+  s.out = transpose ? a.g : a.f;
+  s.done_at = w.done_at;
+  s.iteration = iteration;
+  if (with_error) {
+    s.old = a.f;
+    s.log_w_dst = a.log_a;
+    s.row_err = w.row_err;
+  }
+  return s;
+}
+
+// The final measurement: a row half-step at the target eps into scratch (f is left as it is), for the
+// row errors of the final state, over every problem.
+inline SoftminArgs final_error_step(const SolveArgs& a, const SolveWorkspace& w) {
+  SoftminArgs s = half_step(a, w, false, a.eps, damping_factor(a.rho, a.eps), 0, true);
+  s.done_at = nullptr;
+  s.out = w.scratch;
+  return s;
+}
 
 template <class Backend>
 void run_sinkhorn(Backend& backend, const SolveArgs& a) {

@@ -16,19 +16,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-template <class T>
-struct DeviceType {
-  using type = T;
-};
-template <>
-struct DeviceType<Half> {
-  using type = __half;
-};
-template <>
-struct DeviceType<BFloat16> {
-  using type = __nv_bfloat16;
-};
-
 template <class DT, class Acc>
 __global__ void __launch_bounds__(kThreads)
     sparse_columns_kernel(const DT* cost, int64_t n, int64_t m, int64_t k, const Acc* alpha, const Acc* beta,

@@ -170,6 +170,15 @@ def _finish(problem: Problem, opts: SolveOptions, f, g, n_iter, error, return_pl
                           u(error))  # fmt: skip
 
 
+def _run(fn, problem, eps, max_iter, tol, check_every, f0, g0, return_plan, eps_scaling, eps_start, rho, grad):
+    """Checks the solver arguments, solves, and builds the result (shared by both entry points)."""
+    opts = _options(fn, eps, max_iter, tol, check_every, eps_scaling, eps_start, rho, problem)
+    f_init = initial_potential(fn, "f0", f0, problem.log_a, problem.batched)
+    g_init = initial_potential(fn, "g0", g0, problem.log_b, problem.batched)
+    f, g, n_iter, error = _solve(problem, opts, f_init, g_init)
+    return _finish(problem, opts, f, g, n_iter, error, return_plan, grad)
+
+
 def _grad_mode(fn: str, grad: str, points: bool) -> str:
     if grad not in GRAD_MODES:
         raise ValueError(f"fastloss.{fn}: grad must be one of {GRAD_MODES}, got {grad!r}")
@@ -224,11 +233,7 @@ def sinkhorn(
     fn = "ot.sinkhorn"
     grad = _grad_mode(fn, grad, points=False)
     problem = cost_problem(fn, C, a, b, normalized=rho is None)
-    opts = _options(fn, eps, max_iter, tol, check_every, eps_scaling, eps_start, rho, problem)
-    f_init = initial_potential(fn, "f0", f0, problem.log_a, problem.batched)
-    g_init = initial_potential(fn, "g0", g0, problem.log_b, problem.batched)
-    f, g, n_iter, error = _solve(problem, opts, f_init, g_init)
-    return _finish(problem, opts, f, g, n_iter, error, return_plan, grad)
+    return _run(fn, problem, eps, max_iter, tol, check_every, f0, g0, return_plan, eps_scaling, eps_start, rho, grad)
 
 
 def sinkhorn_points(
@@ -258,8 +263,5 @@ def sinkhorn_points(
     """
     fn = "ot.sinkhorn_points"
     problem = points_problem(fn, x, y, a, b, p, normalized=rho is None)
-    opts = _options(fn, eps, max_iter, tol, check_every, eps_scaling, eps_start, rho, problem)
-    f_init = initial_potential(fn, "f0", f0, problem.log_a, problem.batched)
-    g_init = initial_potential(fn, "g0", g0, problem.log_b, problem.batched)
-    f, g, n_iter, error = _solve(problem, opts, f_init, g_init)
-    return _finish(problem, opts, f, g, n_iter, error, return_plan, "envelope")
+    return _run(fn, problem, eps, max_iter, tol, check_every, f0, g0, return_plan, eps_scaling, eps_start, rho,
+                "envelope")  # fmt: skip
