@@ -79,6 +79,12 @@ def test_sinkhorn_small_eps_is_finite_and_approaches_emd(device, dtype):
         assert gap <= previous_gap + 1e-6
         previous_gap = gap
     assert previous_gap < 2e-3
+    # The same on points, where the cost is recomputed in float32 every half-step.
+    points = fot.sinkhorn_points(x.to(device, dtype), y.to(device, dtype), eps=1e-3, p=1, tol=1e-5, max_iter=20000,
+                                 eps_scaling=0.7, return_plan=True)  # fmt: skip
+    for name in ("cost", "transport_cost", "f", "g", "plan", "marginal_error"):
+        assert torch.isfinite(getattr(points, name)).all(), f"points {name}"
+    assert abs(float(points.transport_cost) - exact) <= 1e-3 * math.log(n * m) + 1e-4
 
 
 def test_sinkhorn_batched_equals_each_problem_and_stops_on_its_own(device):
@@ -263,6 +269,20 @@ def test_implicit_gradients_through_plan_and_potentials():
     assert_close(mine[0].grad, leaves[0].grad, 1e-7, "dC")
     for name, got, want in (("a", mine[1].grad, leaves[1].grad), ("b", mine[2].grad, leaves[2].grad)):
         assert_close(got - got.mean(), want - want.mean(), 1e-7, f"d{name} (centred)")
+
+
+def test_implicit_gradients_batched_equal_each_problem():
+    generator = torch.Generator().manual_seed(20)
+    C = torch.rand(3, 6, 8, generator=generator, dtype=F64)
+    W = torch.randn(3, 6, 8, generator=generator, dtype=F64)
+    batched = C.clone().requires_grad_(True)
+    r = fot.sinkhorn(batched, eps=0.3, tol=1e-13, max_iter=100000, grad="implicit", return_plan=True)
+    (r.plan * W).sum().backward()
+    for i in range(3):
+        single = C[i].clone().requires_grad_(True)
+        s = fot.sinkhorn(single, eps=0.3, tol=1e-13, max_iter=100000, grad="implicit", return_plan=True)
+        (s.plan * W[i]).sum().backward()
+        assert_close(batched.grad[i], single.grad, 1e-8, f"dC of problem {i}")
 
 
 def test_envelope_backward_memory_does_not_depend_on_iterations():
