@@ -271,6 +271,34 @@ def test_implicit_gradients_through_plan_and_potentials():
         assert_close(got - got.mean(), want - want.mean(), 1e-7, f"d{name} (centred)")
 
 
+@pytest.mark.parametrize("p", [1, 2])
+def test_implicit_gradients_of_points_without_a_matrix(device, p):
+    generator = torch.Generator().manual_seed(21)
+    n, m, eps = 9, 12, 0.3
+    x = torch.randn(n, 3, generator=generator, dtype=F64)
+    y = torch.randn(m, 3, generator=generator, dtype=F64) + 0.3
+    a, b = random_histogram(n, generator), random_histogram(m, generator)
+    weights_f = torch.randn(n, generator=generator, dtype=F64)
+    weights_g = torch.randn(m, generator=generator, dtype=F64)
+    cost_fn = ref.sq_euclidean_half if p == 2 else ref.euclidean
+
+    def loss(f, g, value):
+        return ((f - f.mean()) * weights_f).sum() + ((g - g.mean()) * weights_g).sum() + 2 * value
+
+    leaves = [t.clone().requires_grad_(True) for t in (x, y, a, b)]
+    C = cost_fn(leaves[0], leaves[1])
+    f, g = ref.sinkhorn_log(C, leaves[2], leaves[3], eps, 3000)
+    loss(f, g, ref.dual_value(C, leaves[2], leaves[3], f, g, eps)).backward()
+    mine = [t.clone().to(device).requires_grad_(True) for t in (x, y, a, b)]
+    r = fot.sinkhorn_points(mine[0], mine[1], mine[2], mine[3], eps=eps, p=p, tol=1e-13, max_iter=100000,
+                            grad="implicit")  # fmt: skip
+    loss(r.f, r.g, r.cost).backward()
+    for name, got, want in zip("xyab", (t.grad for t in mine), (t.grad for t in leaves)):
+        if name in "ab":
+            got, want = got - got.mean(), want - want.mean()
+        assert_close(got, want, 1e-7, f"d{name}")
+
+
 def test_implicit_gradients_batched_equal_each_problem():
     generator = torch.Generator().manual_seed(20)
     C = torch.rand(3, 6, 8, generator=generator, dtype=F64)
@@ -453,6 +481,7 @@ def test_bad_input_raises_clear_errors():
         (lambda: fot.sinkhorn(C, eps=0.1, max_iter=-1), "max_iter"),
         (lambda: fot.sinkhorn(C, eps=0.1, eps_scaling=1.5), "eps_scaling"),
         (lambda: fot.sinkhorn(C, eps=0.1, grad="unrolled"), "grad"),
+        (lambda: fot.sinkhorn(C, eps=0.1, rho=1.0, grad="implicit"), "balanced"),
         (lambda: fot.sinkhorn(C, eps=0.1, f0=torch.zeros(5)), "'f0'"),
         (lambda: fot.sinkhorn_points(torch.rand(4, 3), torch.rand(5, 2), eps=0.1), "dimension"),
         (lambda: fot.sinkhorn_points(torch.rand(4, 3), torch.rand(5, 3), eps=0.1, p=3), "p must be"),
@@ -479,6 +508,9 @@ def _op_samples():
         (_ops.softmin, (C, None, None, g, lb, 0, 0.1, 1.0, False)),
         (_ops.softmin, (None, x, y, f, la, 2, 0.1, 1.0, True)),
         (_ops.transport, (None, x, y, f, g, la, lb, 1, 0.1, False, True)),
+        (_ops.transport, (None, x, y, f, g, la, lb, 2, 0.1, True, True, torch.randn(2, 5, generator=generator))),
+        (_ops.transport, (C, None, None, f, g, la, lb, 0, 0.1, False, False, torch.randn(2, 7, generator=generator))),
+        (_ops.transport, (C, None, None, f, g, la, lb, 0, 0.1, True, False, torch.randn(2, 5, generator=generator))),
         (_ops.plan, (C, None, None, f, g, la, lb, 0, 0.1)),
         (_ops.sparse_dual, (C, f, g, 0.5, 2)),
     ]

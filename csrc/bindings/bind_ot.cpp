@@ -61,7 +61,8 @@ SolveArgs solve_args(const Geometry& geom, uintptr_t log_a, uintptr_t log_b, uin
 }
 
 TransportArgs transport_args(const Geometry& geom, bool transpose, double eps, uintptr_t f, uintptr_t g,
-                             uintptr_t log_a, uintptr_t log_b, uintptr_t mass, uintptr_t cost, uintptr_t grad) {
+                             uintptr_t log_a, uintptr_t log_b, uintptr_t mass, uintptr_t cost, uintptr_t grad,
+                             uintptr_t src_weight) {
   TransportArgs a;
   a.geom = geom;
   a.transpose = transpose;
@@ -73,6 +74,7 @@ TransportArgs transport_args(const Geometry& geom, bool transpose, double eps, u
   a.mass = ptr(mass);
   a.cost = ptr(cost);
   a.grad = ptr(grad);
+  a.src_weight = ptr(src_weight);
   return a;
 }
 

@@ -265,8 +265,14 @@ struct TransportParams : OrientedGeometry<T, Acc> {
   Acc* mass;
   Acc* cost_out;
   Acc* grad;
+  const Acc* src_weight;  // per source of the problem (batch, len_src), or null
   Acc inv_eps;
 };
+
+template <class T, class Acc>
+__device__ __forceinline__ Acc source_weight(const TransportParams<T, Acc>& p, int64_t index) {
+  return p.src_weight != nullptr ? p.src_weight[index] : Acc(1);
+}
 
 template <class T, class Acc>
 __device__ __forceinline__ void write_transport(const TransportParams<T, Acc>& p, int64_t index, Acc mass, Acc cost) {
@@ -286,9 +292,10 @@ __global__ void __launch_bounds__(kThreads) dense_rows_transport_kernel(Transpor
   if (fa != neg_inf<Acc>()) {
     for (int64_t j = lane; j < p.m; j += 32) {
       const Acc cij = to_acc(c[j]);
-      const Acc plan = ot_exp(fa + scaled(p.pot_src + b * p.m, p.lw_src + b * p.m, j, p.inv_eps) - cij * p.inv_eps);
+      const Acc plan = ot_exp(fa + scaled(p.pot_src + b * p.m, p.lw_src + b * p.m, j, p.inv_eps) - cij * p.inv_eps) *
+                       source_weight(p, b * p.m + j);
       mass += plan;
-      total += plan > Acc(0) ? plan * cij : Acc(0);
+      total += plan != Acc(0) ? plan * cij : Acc(0);
     }
   }
 #pragma unroll
@@ -312,9 +319,10 @@ __global__ void __launch_bounds__(kThreads) dense_cols_transport_kernel(Transpor
     const T* c = p.cost + b * p.n * p.m;
     for (int64_t i = ty; i < p.n && gb != neg_inf<Acc>(); i += kColGroups) {
       const Acc cij = to_acc(c[i * p.m + col]);
-      const Acc plan = ot_exp(gb + scaled(p.pot_src + b * p.n, p.lw_src + b * p.n, i, p.inv_eps) - cij * p.inv_eps);
+      const Acc plan = ot_exp(gb + scaled(p.pot_src + b * p.n, p.lw_src + b * p.n, i, p.inv_eps) - cij * p.inv_eps) *
+                       source_weight(p, b * p.n + i);
       mass += plan;
-      total += plan > Acc(0) ? plan * cij : Acc(0);
+      total += plan != Acc(0) ? plan * cij : Acc(0);
     }
   }
   shared_mass[ty][tx] = mass;
@@ -340,6 +348,7 @@ __global__ void __launch_bounds__(kThreads) points_transport_kernel(TransportPar
   __shared__ Acc xs[kDimChunk * staged_stride<TM>()];
   __shared__ Acc ys[kDimChunk * staged_stride<TM>()];
   __shared__ Acc gb[kTile];
+  __shared__ Acc sw[kTile];
   __shared__ Acc weights[kTile][kTile + 1];
   __shared__ Acc src_dims[kTile][kTile + 1];
   const int64_t b = blockIdx.z;
@@ -365,6 +374,7 @@ __global__ void __launch_bounds__(kThreads) points_transport_kernel(TransportPar
       const int64_t j = col0 + threadIdx.x;
       gb[threadIdx.x] =
           j < p.len_src ? scaled(p.pot_src + b * p.len_src, p.lw_src + b * p.len_src, j, p.inv_eps) : neg_inf<Acc>();
+      sw[threadIdx.x] = j < p.len_src ? source_weight(p, b * p.len_src + j) : Acc(0);
     }
     dot_tile<Acc, TM>(x, p.len_dst, row0, y, p.len_src, col0, p.dim, dot, x_sq, y_sq, xs, ys);
 #pragma unroll
@@ -372,10 +382,10 @@ __global__ void __launch_bounds__(kThreads) points_transport_kernel(TransportPar
 #pragma unroll
       for (int jj = 0; jj < TM; ++jj) {
         const Acc cij = point_cost<Acc>(p.p, x_sq[ii], y_sq[jj], dot[ii][jj]);
-        const Acc plan = ot_exp(fa[ii] + gb[tx * TM + jj] - cij * p.inv_eps);
+        const Acc plan = ot_exp(fa[ii] + gb[tx * TM + jj] - cij * p.inv_eps) * sw[tx * TM + jj];
         const Acc w = plan * cost_gradient_weight<Acc>(p.p, cij);
         mass[ii] += plan;
-        total[ii] += plan > Acc(0) ? plan * cij : Acc(0);  // as on the CPU: no 0 * inf
+        total[ii] += plan != Acc(0) ? plan * cij : Acc(0);  // as on the CPU: no 0 * inf
         grad_weight[ii] += w;
         weights[ty * TM + ii][tx * TM + jj] = w;
       }

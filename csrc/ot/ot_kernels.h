@@ -65,7 +65,8 @@ struct SolveArgs {
 
 // Per-row transport statistics of the plan: mass_i = sum_j P_ij, cost_i = sum_j P_ij C_ij, and for
 // points grad_i = sum_j P_ij d c(x_i, y_j) / d x_i (the envelope gradient of OT wrt x). transpose
-// gives the same for the columns (and y).
+// gives the same for the columns (and y). With src_weight, every P_ij is weighted by src_weight_j
+// (plan-times-vector products: the implicit backward's matrix-free P v).
 struct TransportArgs {
   Geometry geom;
   bool transpose = false;
@@ -77,6 +78,7 @@ struct TransportArgs {
   void* mass = nullptr;  // (batch, length of the chosen side), may be null
   void* cost = nullptr;  // same, may be null
   void* grad = nullptr;  // (batch, length, dim) for points, may be null
+  const void* src_weight = nullptr;  // (batch, length of the other side), may be null
 };
 
 struct PlanArgs {

@@ -161,8 +161,9 @@ void softmin_impl(const SoftminArgs& a) {
 // sum_j W_ij y_j (points). Multiversioned for the same reason as softmin_row_tile.
 template <class T, class Acc>
 FL_CPU_MULTIVERSION void transport_row_tile(const SideView<T, Acc>& side, int64_t b, int64_t row0, int rows,
-                                            const Acc* fa, const Acc* gb, Acc inv_eps, bool with_grad, Acc* mass,
-                                            Acc* total_cost, Acc* grad_weight, Acc* weighted_src) {
+                                            const Acc* fa, const Acc* gb, const Acc* src_weight, Acc inv_eps,
+                                            bool with_grad, Acc* mass, Acc* total_cost, Acc* grad_weight,
+                                            Acc* weighted_src) {
   const int64_t d = side.g.dim;
   const int p = side.g.p;
   Acc cost[kRowTile][kChunk];
@@ -180,9 +181,9 @@ FL_CPU_MULTIVERSION void transport_row_tile(const SideView<T, Acc>& side, int64_
       Acc chunk_mass = 0, chunk_cost = 0, chunk_gw = 0;
 #pragma omp simd reduction(+ : chunk_mass, chunk_cost, chunk_gw)
       for (int64_t t = 0; t < count; ++t) {
-        const Acc plan = ot_exp(fi + gb[j0 + t] - cost[r][t] * inv_eps);
+        const Acc plan = ot_exp(fi + gb[j0 + t] - cost[r][t] * inv_eps) * (src_weight ? src_weight[j0 + t] : Acc(1));
         chunk_mass += plan;
-        chunk_cost += plan > Acc(0) ? plan * cost[r][t] : Acc(0);  // an infinite cost carries no mass
+        chunk_cost += plan != Acc(0) ? plan * cost[r][t] : Acc(0);  // an infinite cost carries no mass
         weight[t] = p == 0 ? Acc(0) : plan * cost_gradient_weight<Acc>(p, cost[r][t]);
         chunk_gw += weight[t];
       }
@@ -218,6 +219,7 @@ void transport_impl(const TransportArgs& a) {
   Acc* cost_out = static_cast<Acc*>(a.cost);
   Acc* grad_out = static_cast<Acc*>(a.grad);
   const bool with_grad = grad_out != nullptr;
+  const Acc* src_weight = static_cast<const Acc*>(a.src_weight);
   const int64_t tiles = (len_dst + kRowTile - 1) / kRowTile;
   const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(1, len_src * kRowTile * (d + 1)));
   parallel_for(g.batch * tiles, grain, [&](int64_t begin, int64_t end) {
@@ -226,8 +228,9 @@ void transport_impl(const TransportArgs& a) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / tiles, row0 = (item % tiles) * kRowTile;
       const int rows = static_cast<int>(std::min<int64_t>(kRowTile, len_dst - row0));
-      transport_row_tile<T, Acc>(side, b, row0, rows, fa.data() + b * len_dst, gb.data() + b * len_src, inv_eps,
-                                 with_grad, mass, total, grad_weight, weighted.data());
+      transport_row_tile<T, Acc>(side, b, row0, rows, fa.data() + b * len_dst, gb.data() + b * len_src,
+                                 src_weight ? src_weight + b * len_src : nullptr, inv_eps, with_grad, mass, total,
+                                 grad_weight, weighted.data());
       for (int r = 0; r < rows; ++r) {
         const int64_t index = b * len_dst + row0 + r;
         if (mass_out) mass_out[index] = mass[r];

@@ -86,6 +86,7 @@ void launch_transport(const TransportArgs& a, cudaStream_t stream) {
   p.mass = static_cast<Acc*>(a.mass);
   p.cost_out = static_cast<Acc*>(a.cost);
   p.grad = static_cast<Acc*>(a.grad);
+  p.src_weight = static_cast<const Acc*>(a.src_weight);
   p.inv_eps = Acc(1) / static_cast<Acc>(a.eps);  // the same expression as the softmin and the CPU
   const unsigned batch = static_cast<unsigned>(g.batch);
   if (g.p == 0 && !a.transpose) {

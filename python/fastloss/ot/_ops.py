@@ -3,7 +3,8 @@ itself: ``fastloss.ot`` composes them into autograd functions (envelope and impl
 
 ``ot_solve``       the Sinkhorn loop: final potentials f, g, iterations and marginal error per problem.
 ``ot_softmin``     one half-step, ``out_i = -eps * LSE_j((h_j - C_ij) / eps + log_w_j)`` (times a damping).
-``ot_transport``   per-row mass, cost and (points) envelope gradient of the plan, or per column.
+``ot_transport``   per-row mass, cost and (points) envelope gradient of the plan, or per column;
+                   with ``src_weight`` w, of the plan times diag(w) (matrix-free products P w).
 ``ot_plan``        the dense plan ``P_ij = exp((f_i + g_j - C_ij) / eps + log a_i + log b_j)``.
 ``ot_sparse_dual`` row/column sums of the sparsity-constrained quadratic-OT plan of dual variables.
 
@@ -138,12 +139,14 @@ softmin = L.define_op(
 # ---- ot_transport ------------------------------------------------------------------------------
 
 
-def _transport(cost, x, y, f, g, log_a, log_b, p, eps, transpose, with_grad, device):
+def _transport(cost, x, y, f, g, log_a, log_b, p, eps, transpose, with_grad, src_weight=None, *, device):
     fn = "ot.transport"
     _check_geometry(fn, cost, x, y, p)
     batch, n, m, acc, dev = sizes(cost, x, y, p)
-    _check_vectors(fn, dev, acc, [("f", f, (batch, n)), ("g", g, (batch, m)), ("log_a", log_a, (batch, n)),
-                                  ("log_b", log_b, (batch, m))])  # fmt: skip
+    vectors = [("f", f, (batch, n)), ("g", g, (batch, m)), ("log_a", log_a, (batch, n)), ("log_b", log_b, (batch, m))]
+    if src_weight is not None:
+        vectors.append(("src_weight", src_weight, (batch, n if transpose else m)))
+    _check_vectors(fn, dev, acc, vectors)
     if with_grad and p == 0:
         raise ValueError(f"fastloss.{fn}: a point gradient needs points, not a cost matrix")
     length = m if transpose else n
@@ -151,11 +154,11 @@ def _transport(cost, x, y, f, g, log_a, log_b, p, eps, transpose, with_grad, dev
     total = L.empty((batch, length), acc, dev)
     grad = L.empty((batch, length, x.shape[2]), acc, dev) if with_grad else f.new_empty((0,))
     L.launch("ot_transport", device, mass, geometry(cost, x, y, p), transpose, eps, _ptr(f), _ptr(g), _ptr(log_a),
-             _ptr(log_b), _ptr(mass), _ptr(total), _ptr(grad))  # fmt: skip
+             _ptr(log_b), _ptr(mass), _ptr(total), _ptr(grad), _ptr(src_weight))  # fmt: skip
     return mass, total, grad
 
 
-def _transport_fake(cost, x, y, f, g, log_a, log_b, p, eps, transpose, with_grad):
+def _transport_fake(cost, x, y, f, g, log_a, log_b, p, eps, transpose, with_grad, src_weight=None):
     length = g.shape[1] if transpose else f.shape[1]
     grad = f.new_empty((f.shape[0], length, x.shape[2])) if with_grad else f.new_empty((0,))
     return f.new_empty((f.shape[0], length)), f.new_empty((f.shape[0], length)), grad
@@ -164,7 +167,7 @@ def _transport_fake(cost, x, y, f, g, log_a, log_b, p, eps, transpose, with_grad
 transport = L.define_op(
     "ot_transport",
     "(Tensor? cost, Tensor? x, Tensor? y, Tensor f, Tensor g, Tensor log_a, Tensor log_b, int p, float eps, "
-    "bool transpose, bool with_grad) -> (Tensor mass, Tensor cost, Tensor grad)",
+    "bool transpose, bool with_grad, Tensor? src_weight=None) -> (Tensor mass, Tensor cost, Tensor grad)",
     cpu=lambda *args: _transport(*args, device="cpu"),
     cuda=lambda *args: _transport(*args, device="cuda"),
     fake=_transport_fake,

@@ -26,7 +26,7 @@ class SinkhornResult:
     loss: its gradient is the envelope gradient (dC = P, dx = sum_j P_ij grad_x c(x_i, y_j),
     da = f, db = g at convergence) or, with ``grad="implicit"``, the exact one.
     transport_cost: ``<P, C>``, the linear part alone (no envelope gradient; differentiable with
-    ``grad="implicit"``).
+    ``grad="implicit"``, for points when ``return_plan`` materializes the plan).
     f, g: the dual potentials (detached unless ``grad="implicit"``), defined up to f + c, g - c.
     plan: ``P_ij = a_i b_j exp((f_i + g_j - C_ij) / eps)`` when asked for, else None.
     n_iter: iterations run per problem (int32). marginal_error: ``sum_i |a_i - sum_j P_ij|`` of the
@@ -149,7 +149,8 @@ def _finish(problem: Problem, opts: SolveOptions, f, g, n_iter, error, return_pl
     with torch.no_grad():
         mass, row_cost, _ = _ops.transport(*args, f, g, problem.log_a, problem.log_b, problem.p, opts.eps, False, False)
     plan_mass = mass.sum(-1)
-    if grad == "implicit":
+    plan = None
+    if grad == "implicit" and problem.p == 0:
         f, g = _implicit.potentials(problem, opts.eps, f, g)
         plan = _implicit.plan(problem, opts.eps, f, g)
         value = _dual_value(problem, opts.eps, opts.rho, f, g, plan.sum((-2, -1)), problem.a, problem.b)
@@ -160,8 +161,12 @@ def _finish(problem: Problem, opts: SolveOptions, f, g, n_iter, error, return_pl
         value = _EnvelopeValue.apply(problem.cost, problem.x, problem.y, problem.a, problem.b, f, g, problem, opts.eps,
                                      opts.rho, value)  # fmt: skip
         transport_cost = row_cost.sum(-1)
-        plan = None
-        if return_plan:
+        if grad == "implicit":  # points: the value keeps its (exact at convergence) envelope gradient
+            f, g = _implicit.potentials(problem, opts.eps, f, g)
+            if return_plan:  # asked for: the n x m plan, differentiable
+                plan, cost = _implicit.points_plan(problem, opts.eps, f, g)
+                transport_cost = (plan * cost).sum((-2, -1))
+        elif return_plan:
             plan = _ops.plan(*args, f, g, problem.log_a, problem.log_b, problem.p, opts.eps)
     if not return_plan:
         plan = None
@@ -179,12 +184,12 @@ def _run(fn, problem, eps, max_iter, tol, check_every, f0, g0, return_plan, eps_
     return _finish(problem, opts, f, g, n_iter, error, return_plan, grad)
 
 
-def _grad_mode(fn: str, grad: str, points: bool) -> str:
+def _grad_mode(fn: str, grad: str, rho) -> str:
     if grad not in GRAD_MODES:
         raise ValueError(f"fastloss.{fn}: grad must be one of {GRAD_MODES}, got {grad!r}")
-    if grad == "implicit" and points:
-        raise ValueError(f"fastloss.{fn}: grad='implicit' needs the cost matrix (it solves a linear system with the "
-                         f"plan); use fastloss.ot.sinkhorn on the materialized cost")  # fmt: skip
+    if grad == "implicit" and rho is not None:
+        raise ValueError(f"fastloss.{fn}: grad='implicit' is for balanced OT (its optimality conditions are the "
+                         f"marginal constraints); use the envelope gradient with rho")  # fmt: skip
     return grad
 
 
@@ -224,14 +229,15 @@ def sinkhorn(
             runs at eps. (GeomLoss's ``scaling`` acts on blur = eps^(1/p): its eps_scaling is scaling^p.)
         rho: KL marginal penalty (unbalanced OT); None = balanced.
         grad: "envelope" (default; gradients of ``cost`` only, potentials held fixed, memory independent
-            of the iteration count) or "implicit" (gradients through f, g, plan and transport_cost by
-            implicit differentiation of the optimality conditions; a matrix-free conjugate gradient).
+            of the iteration count) or "implicit" (balanced only: gradients through f, g, plan and
+            transport_cost by implicit differentiation of the optimality conditions, a conjugate
+            gradient in the backward).
 
     Returns a :class:`SinkhornResult`. On CUDA the loop reads the convergence state back
     asynchronously and waits for the last check once before returning.
     """
     fn = "ot.sinkhorn"
-    grad = _grad_mode(fn, grad, points=False)
+    grad = _grad_mode(fn, grad, rho)
     problem = cost_problem(fn, C, a, b, normalized=rho is None)
     return _run(fn, problem, eps, max_iter, tol, check_every, f0, g0, return_plan, eps_scaling, eps_start, rho, grad)
 
@@ -253,15 +259,20 @@ def sinkhorn_points(
     eps_scaling: float | None = None,
     eps_start: float | None = None,
     rho: float | None = None,
+    grad: str = "envelope",
 ) -> SinkhornResult:
     """Entropic OT between point clouds x (n, d) and y (m, d) (or batches (B, n, d), (B, m, d)),
     the cost ``|x_i - y_j|^2 / 2`` (p=2, GeomLoss's convention) or ``|x_i - y_j|`` (p=1) computed
     on the fly in tiles: memory O((n + m) d), the n x m cost is never stored (unless
     ``return_plan``). Points of any float type are centred and handled in float32 (float64 for
     float64 input); the gradient of ``cost`` wrt x and y is the envelope gradient, one fused
-    plan-times-points pass each. Other arguments as :func:`sinkhorn`.
+    plan-times-points pass each. ``grad="implicit"`` also makes f and g differentiable in x, y, a, b,
+    still without an n x m matrix: the backward's conjugate gradient multiplies by the plan with
+    transport passes (``cost`` keeps its envelope gradient, exact at convergence; ``plan`` and
+    ``transport_cost`` are differentiable when ``return_plan`` materializes the plan). Other
+    arguments as :func:`sinkhorn`.
     """
     fn = "ot.sinkhorn_points"
+    grad = _grad_mode(fn, grad, rho)
     problem = points_problem(fn, x, y, a, b, p, normalized=rho is None)
-    return _run(fn, problem, eps, max_iter, tol, check_every, f0, g0, return_plan, eps_scaling, eps_start, rho,
-                "envelope")  # fmt: skip
+    return _run(fn, problem, eps, max_iter, tol, check_every, f0, g0, return_plan, eps_scaling, eps_start, rho, grad)
