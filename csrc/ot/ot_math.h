@@ -85,7 +85,7 @@ struct LogSumExp {
 template <class Acc>
 FL_HD Acc point_cost(int p, Acc x_sqnorm, Acc y_sqnorm, Acc dot) {
   const Acc sq = x_sqnorm + y_sqnorm - Acc(2) * dot;
-  const Acc clamped = sq > Acc(0) ? sq : Acc(0);
+  const Acc clamped = sq < Acc(0) ? Acc(0) : sq;  // NaN stays NaN
   return p == 2 ? Acc(0.5) * clamped : fl_sqrt(clamped);
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import _validate as V
 from .. import ot as F
 
 __all__ = ["SinkhornLoss", "SinkhornDivergence"]
@@ -30,7 +31,7 @@ class SinkhornLoss(_PointCloudLoss):
 
     def __init__(self, eps: float, p: int = 2, *, rho: float | None = None, reduction: str = "mean", **options) -> None:
         super().__init__(eps, p, **options)
-        self.rho, self.reduction = rho, reduction
+        self.rho, self.reduction = rho, V.reduction("nn.SinkhornLoss", reduction)
 
     def forward(self, x, y, a=None, b=None) -> torch.Tensor:
         value = F.sinkhorn_points(x, y, a, b, rho=self.rho, **self._options()).cost
@@ -44,7 +45,7 @@ class SinkhornDivergence(_PointCloudLoss):
     def __init__(self, eps: float, p: int = 2, *, reach: float | None = None, reduction: str = "mean",
                  **options) -> None:  # fmt: skip
         super().__init__(eps, p, **options)
-        self.reach, self.reduction = reach, reduction
+        self.reach, self.reduction = reach, V.reduction("nn.SinkhornDivergence", reduction)
 
     def forward(self, x, y, a=None, b=None) -> torch.Tensor:
         value = F.sinkhorn_divergence(x, y, a, b, reach=self.reach, **self._options())
@@ -56,6 +57,4 @@ def _reduce(value: torch.Tensor, reduction: str) -> torch.Tensor:
         return value.mean()
     if reduction == "sum":
         return value.sum()
-    if reduction == "none":
-        return value
-    raise ValueError(f"fastloss.nn: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    return value  # "none" (checked in __init__)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import _validate as V
+from ._inputs import point_exponent
 from ._sinkhorn import sinkhorn_points
 
 
@@ -40,6 +41,7 @@ def sinkhorn_divergence(
     Returns S with shape () or (B,).
     """
     fn = "ot.sinkhorn_divergence"
+    p = point_exponent(fn, p)
     rho = None
     if reach is not None:
         reach = V.real_number(fn, "reach", reach, positive=True)

@@ -91,7 +91,7 @@ class _ImplicitPotentials(torch.autograd.Function):
             wa = a.detach().requires_grad_(ctx.needs_input_grad[1])
             wb = b.detach().requires_grad_(ctx.needs_input_grad[2])
             P = _dense_plan(c, wa, wb, f, g, eps)
-            row = P.sum(-1)
+            row = P.sum(-1)  # P is 0 at infinite costs: no 0 * inf anywhere below
             col = P.sum(-2)
             residual_f, residual_g = row - wa, col - wb
         P0 = P.detach()
@@ -120,7 +120,7 @@ class _ImplicitPotentialsOfPoints(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, a, b, f, g, problem: Problem, eps: float):
         ctx.problem, ctx.eps = problem, eps
-        ctx.save_for_backward(a, b, f, g)
+        ctx.save_for_backward(a, b, f, g, x, y)
         return f.clone(), g.clone()
 
     @staticmethod
@@ -128,10 +128,10 @@ class _ImplicitPotentialsOfPoints(torch.autograd.Function):
         from . import _ops
 
         problem, eps = ctx.problem, ctx.eps
-        a, b, f, g = ctx.saved_tensors
+        a, b, f, g, x, y = ctx.saved_tensors
         grad_f = torch.zeros_like(f) if grad_f is None else grad_f.to(f.dtype)
         grad_g = torch.zeros_like(g) if grad_g is None else grad_g.to(g.dtype)
-        geometry = problem.geometry
+        geometry = (None, x.detach(), y.detach())
         la, lb, p = problem.log_a, problem.log_b, problem.p
 
         def transport(transpose, with_grad=False, weight=None, log_a=la, log_b=lb):
@@ -152,14 +152,14 @@ class _ImplicitPotentialsOfPoints(torch.autograd.Function):
             grads[0] = (u[:, :, None] * transport(False, True)[2] + transport(False, True, v)[2]) / eps
         if need[1]:
             grads[1] = (v[:, :, None] * transport(True, True)[2] + transport(True, True, u)[2]) / eps
-        if need[2]:  # the same products with a = 1: ratios and weighted sums per unit mass
-            ones = torch.zeros_like(la)
-            ratio = transport(False, log_a=ones)[0]
-            grads[2] = -(u * (ratio - 1) + transport(False, weight=v, log_a=ones)[0])
+        if need[2]:  # the same products with a = 1 (log-weight 0): ratios and weighted sums per unit mass
+            unit = torch.zeros_like(la)
+            ratio = transport(False, log_a=unit)[0]
+            grads[2] = -(u * (ratio - 1) + transport(False, weight=v, log_a=unit)[0])
         if need[3]:
-            ones = torch.zeros_like(lb)
-            ratio = transport(True, log_b=ones)[0]
-            grads[3] = -(v * (ratio - 1) + transport(True, weight=u, log_b=ones)[0])
+            unit = torch.zeros_like(lb)
+            ratio = transport(True, log_b=unit)[0]
+            grads[3] = -(v * (ratio - 1) + transport(True, weight=u, log_b=unit)[0])
         return tuple(grads)
 
 

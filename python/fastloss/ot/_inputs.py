@@ -51,6 +51,12 @@ def positive_eps(fn: str, eps: object) -> float:
     return eps
 
 
+def point_exponent(fn: str, p: object) -> int:
+    if isinstance(p, bool) or not isinstance(p, int) or p not in (1, 2):
+        raise ValueError(f"fastloss.{fn}: p must be 1 (|x - y|) or 2 (|x - y|^2 / 2), got {p!r}")
+    return p
+
+
 def histogram(fn: str, name: str, w, batch: int, size: int, batched: bool, acc, device, *, normalized: bool):
     """(B, size) weights (uniform when None) and their logs; checks shape, sign and, for balanced
     problems, that each histogram sums to 1 (a host read, skipped where values may not be read)."""
@@ -75,6 +81,10 @@ def histogram(fn: str, name: str, w, batch: int, size: int, batched: bool, acc, 
             if normalized and bool(((totals - 1).abs() > 1e-4).any()):
                 raise ValueError(f"fastloss.{fn}: '{name}' must sum to 1 (balanced OT), got sums "
                                  f"{totals.flatten()[:4].tolist()}; normalize it or pass rho for unbalanced OT")  # fmt: skip
+        if normalized:
+            # Rounding (a bfloat16 histogram sums to 1 +- 1e-4) would put a floor under the marginal error
+            # that tol can never pass; renormalizing also keeps the mass direction out of the gradient.
+            w = w / w.sum(-1, keepdim=True)
     log_w = w.detach().log().contiguous()  # log 0 = -inf: zero mass
     return w, log_w
 
@@ -89,6 +99,10 @@ def cost_problem(fn: str, cost, a, b, *, normalized: bool) -> Problem:
     batch, n, m = c3.shape
     if n == 0 or m == 0:
         raise ValueError(f"fastloss.{fn}: C must have n >= 1 rows and m >= 1 columns, got {tuple(cost.shape)}")
+    if L.may_inspect_values(cost):
+        bad = torch.isnan(cost) | (cost == float("-inf"))
+        if bool(bad.any()):
+            raise ValueError(f"fastloss.{fn}: C has NaN or -inf entries (+inf is allowed: a forbidden pair)")
     acc = L.accumulator_dtype(cost.dtype)
     wa, la = histogram(fn, "a", a, batch, n, batched, acc, cost.device, normalized=normalized)
     wb, lb = histogram(fn, "b", b, batch, m, batched, acc, cost.device, normalized=normalized)
@@ -100,8 +114,7 @@ def points_problem(fn: str, x, y, a, b, p, *, normalized: bool) -> Problem:
     V.tensor(fn, "y", y)
     V.dtype_in(fn, "x", x, V.FLOAT_DTYPES)
     V.dtype_in(fn, "y", y, V.FLOAT_DTYPES)
-    if p not in (1, 2):
-        raise ValueError(f"fastloss.{fn}: p must be 1 (|x - y|) or 2 (|x - y|^2 / 2), got {p!r}")
+    p = point_exponent(fn, p)
     if x.dim() not in (2, 3) or y.dim() != x.dim():
         raise ValueError(f"fastloss.{fn}: x and y must both be (N, d) or both (B, N, d), got {tuple(x.shape)} and "
                          f"{tuple(y.shape)}")  # fmt: skip
@@ -114,6 +127,9 @@ def points_problem(fn: str, x, y, a, b, p, *, normalized: bool) -> Problem:
     V.same_device(fn, x=x, y=y)
     if x.dtype != y.dtype:
         raise ValueError(f"fastloss.{fn}: x is {x.dtype} but y is {y.dtype}")
+    for name, t in (("x", x), ("y", y)):
+        if L.may_inspect_values(t) and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"fastloss.{fn}: '{name}' has NaN or infinite coordinates")
     acc = L.accumulator_dtype(x.dtype)
     batch, n, _ = x3.shape
     m = y3.shape[1]

@@ -65,11 +65,17 @@ def _options(fn, eps, max_iter, tol, check_every, eps_scaling, eps_start, rho, p
     tol = V.real_number(fn, "tol", tol, non_negative=True)
     rho = 0.0 if rho is None else V.real_number(fn, "rho", rho, positive=True)
     scaling, start = 0.0, eps
+    if eps_start is not None:
+        if eps_scaling is None:
+            raise ValueError(f"fastloss.{fn}: eps_start only applies with eps_scaling (the annealing it starts)")
+        eps_start = V.real_number(fn, "eps_start", eps_start, positive=True)
+        if not math.isfinite(eps_start):
+            raise ValueError(f"fastloss.{fn}: eps_start must be finite, got {eps_start}")
     if eps_scaling is not None:
         scaling = V.real_number(fn, "eps_scaling", eps_scaling, positive=True)
         if not scaling < 1:
             raise ValueError(f"fastloss.{fn}: eps_scaling must be in (0, 1), got {eps_scaling}")
-        start = _default_eps_start(problem) if eps_start is None else positive_eps(fn, eps_start)
+        start = _default_eps_start(problem) if eps_start is None else eps_start
         start = max(start, eps)
     return SolveOptions(eps, max_iter, tol, check_every, start, scaling, rho)
 
@@ -77,8 +83,8 @@ def _options(fn, eps, max_iter, tol, check_every, eps_scaling, eps_start, rho, p
 def _default_eps_start(problem: Problem) -> float:
     """The largest cost, as GeomLoss starts from the diameter: one host read."""
     if problem.p == 0:
-        finite = problem.cost[torch.isfinite(problem.cost)]
-        return float((finite.max() - finite.min()).item()) if finite.numel() else 1.0
+        finite = problem.cost[torch.isfinite(problem.cost)].to(problem.acc)  # a float16 range can overflow
+        return max(float((finite.max() - finite.min()).item()), 1e-12) if finite.numel() else 1.0
     lo = torch.minimum(problem.x.amin((0, 1)), problem.y.amin((0, 1)))
     hi = torch.maximum(problem.x.amax((0, 1)), problem.y.amax((0, 1)))
     diameter = float((hi - lo).norm().item())
@@ -109,17 +115,19 @@ class _EnvelopeValue(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cost, x, y, a, b, f, g, problem: Problem, eps: float, rho: float, value):
         ctx.problem, ctx.eps, ctx.rho = problem, eps, rho
-        ctx.save_for_backward(f, g, a, b)
+        # The geometry goes through save_for_backward too: an in-place change of C (or x, y) before the
+        # backward then raises instead of silently changing the gradient.
+        ctx.save_for_backward(f, g, a, b, cost, x, y)
         return value
 
     @staticmethod
     def backward(ctx, grad_value):
         problem, eps, rho = ctx.problem, ctx.eps, ctx.rho
-        f, g, a, b = ctx.saved_tensors
+        f, g, a, b, cost, x, y = ctx.saved_tensors
         need = ctx.needs_input_grad
         scale = grad_value.to(f.dtype)
         grads = [None] * 11
-        args = problem.geometry
+        args = tuple(None if t is None else t.detach() for t in (cost, x, y))
         if need[0]:
             plan = _ops.plan(*args, f, g, problem.log_a, problem.log_b, problem.p, eps)
             grads[0] = (plan * scale[:, None, None]).to(problem.cost.dtype)
@@ -144,6 +152,11 @@ class _EnvelopeValue(torch.autograd.Function):
         return tuple(grads)
 
 
+def _plan_times_cost(plan, cost):
+    """<P, C> where an infinite cost (a forbidden pair, P = 0) contributes 0, not 0 * inf."""
+    return (plan * torch.where(plan > 0, cost.to(plan.dtype), 0)).sum((-2, -1))
+
+
 def _finish(problem: Problem, opts: SolveOptions, f, g, n_iter, error, return_plan: bool, grad: str) -> SinkhornResult:
     args = problem.geometry
     with torch.no_grad():
@@ -154,7 +167,7 @@ def _finish(problem: Problem, opts: SolveOptions, f, g, n_iter, error, return_pl
         f, g = _implicit.potentials(problem, opts.eps, f, g)
         plan = _implicit.plan(problem, opts.eps, f, g)
         value = _dual_value(problem, opts.eps, opts.rho, f, g, plan.sum((-2, -1)), problem.a, problem.b)
-        transport_cost = (plan * problem.cost).sum((-2, -1))
+        transport_cost = _plan_times_cost(plan, problem.cost)
     else:
         with torch.no_grad():
             value = _dual_value(problem, opts.eps, opts.rho, f, g, plan_mass, problem.a.detach(), problem.b.detach())
@@ -165,7 +178,7 @@ def _finish(problem: Problem, opts: SolveOptions, f, g, n_iter, error, return_pl
             f, g = _implicit.potentials(problem, opts.eps, f, g)
             if return_plan:  # asked for: the n x m plan, differentiable
                 plan, cost = _implicit.points_plan(problem, opts.eps, f, g)
-                transport_cost = (plan * cost).sum((-2, -1))
+                transport_cost = _plan_times_cost(plan, cost)
         elif return_plan:
             plan = _ops.plan(*args, f, g, problem.log_a, problem.log_b, problem.p, opts.eps)
     if not return_plan:
@@ -180,6 +193,11 @@ def _run(fn, problem, eps, max_iter, tol, check_every, f0, g0, return_plan, eps_
     opts = _options(fn, eps, max_iter, tol, check_every, eps_scaling, eps_start, rho, problem)
     f_init = initial_potential(fn, "f0", f0, problem.log_a, problem.batched)
     g_init = initial_potential(fn, "g0", g0, problem.log_b, problem.batched)
+    if f0 is not None and g0 is None:
+        # An iteration starts from g (f <- softmin(g)): a warm f alone is carried into g by one half-step.
+        first_eps = opts.eps_start if opts.eps_scaling else opts.eps
+        damping = 1.0 if opts.rho == 0 else opts.rho / (opts.rho + first_eps)
+        g_init = _ops.softmin(*problem.geometry, f_init, problem.log_a, problem.p, first_eps, damping, True)
     f, g, n_iter, error = _solve(problem, opts, f_init, g_init)
     return _finish(problem, opts, f, g, n_iter, error, return_plan, grad)
 

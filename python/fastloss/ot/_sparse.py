@@ -66,7 +66,7 @@ def sparse_ot(
         k: nonzeros allowed per column (>= 1; at most 32 on CUDA unless k >= n), or None.
         max_iter: L-BFGS iterations. tol: stop when the L1 marginal error is <= tol.
 
-    Ties at a column's k-th largest score are all kept (continuous costs have none). With k the
+    No gradient: the result is detached. Ties at a column's k-th largest score are all kept (continuous costs have none). With k the
     problem is not convex: the dual is a relaxation, piecewise quadratic, whose plan can miss the
     marginals when k is small (k = 2 of 20 rows: 0.07 in L1, for POT's solver too), and L-BFGS
     (restarted when its line search stalls at a kink) may stop within ~1e-5 of the dual optimum.
@@ -112,6 +112,7 @@ def sparse_ot(
 
     iterations, stalled = 0, 0
     while iterations < max_iter:
+        optimizer.param_groups[0]["max_iter"] = min(CHECK_EVERY, max_iter - iterations)  # never past max_iter
         before = optimizer.state[alpha].get("n_iter", 0)
         optimizer.step(closure)
         done = optimizer.state[alpha]["n_iter"] - before

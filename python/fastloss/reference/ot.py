@@ -69,6 +69,15 @@ def swav_sinkhorn_log(scores: torch.Tensor, eps: float = 0.05, n_iter: int = 3) 
     return torch.exp(log_q + math.log(B))
 
 
+def sparse_dual_value(C, a, b, alpha, beta, gamma: float, k: int | None) -> torch.Tensor:
+    """The sparsity-constrained quadratic-OT dual <alpha, a> + <beta, b> - sum_j delta_k(alpha + beta_j - C_j),
+    delta_k(z) = 1/(2 gamma) * sum of [z_i]_+^2 over the k largest z_i of the column (all when k is None)."""
+    z = alpha[:, None] + beta[None, :] - C
+    if k is not None and k < z.shape[0]:
+        z = z.topk(k, dim=0).values
+    return (alpha * a).sum() + (beta * b).sum() - z.clamp_min(0).square().sum() / (2 * gamma)
+
+
 def _self_check(device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
     generator = torch.Generator(device="cpu").manual_seed(11)
     x = torch.randn(37, 3, generator=generator, dtype=torch.float64)
