@@ -1,8 +1,8 @@
 """Optimal transport: batched log-domain Sinkhorn on cost matrices and on point clouds, the
 Sinkhorn divergence, balanced (SwAV) assignment and sparsity-constrained quadratic OT.
 
-Kernels: ``csrc/ot/``; ops: :mod:`fastloss.ot._ops`; modules: ``fastloss.nn.SinkhornLoss``,
-``fastloss.nn.SinkhornDivergence``.
+Kernels: ``csrc/ot/``; ops: :mod:`fastloss.ot._ops`; design notes: ``docs/ot.md``; modules:
+``fastloss.nn.SinkhornLoss``, ``fastloss.nn.SinkhornDivergence``.
 """
 
 from __future__ import annotations
