@@ -239,7 +239,7 @@ __global__ void __launch_bounds__(kThreads) points_softmin_kernel(SoftminParams<
       if (tile_max != neg_inf<Acc>()) {
         Acc sum = 0;
 #pragma unroll
-        for (int jj = 0; jj < TM; ++jj) sum += ot_exp(v[jj] - tile_max);
+        for (int jj = 0; jj < TM; ++jj) sum += fast_exp(v[jj] - tile_max);
         acc[ii].merge(tile_max, sum);
       }
     }
@@ -292,7 +292,7 @@ __global__ void __launch_bounds__(kThreads) dense_rows_transport_kernel(Transpor
   if (fa != neg_inf<Acc>()) {
     for (int64_t j = lane; j < p.m; j += 32) {
       const Acc cij = to_acc(c[j]);
-      const Acc plan = ot_exp(fa + scaled(p.pot_src + b * p.m, p.lw_src + b * p.m, j, p.inv_eps) - cij * p.inv_eps) *
+      const Acc plan = fast_exp(fa + scaled(p.pot_src + b * p.m, p.lw_src + b * p.m, j, p.inv_eps) - cij * p.inv_eps) *
                        source_weight(p, b * p.m + j);
       mass += plan;
       total += plan != Acc(0) ? plan * cij : Acc(0);
@@ -319,7 +319,7 @@ __global__ void __launch_bounds__(kThreads) dense_cols_transport_kernel(Transpor
     const T* c = p.cost + b * p.n * p.m;
     for (int64_t i = ty; i < p.n && gb != neg_inf<Acc>(); i += kColGroups) {
       const Acc cij = to_acc(c[i * p.m + col]);
-      const Acc plan = ot_exp(gb + scaled(p.pot_src + b * p.n, p.lw_src + b * p.n, i, p.inv_eps) - cij * p.inv_eps) *
+      const Acc plan = fast_exp(gb + scaled(p.pot_src + b * p.n, p.lw_src + b * p.n, i, p.inv_eps) - cij * p.inv_eps) *
                        source_weight(p, b * p.n + i);
       mass += plan;
       total += plan != Acc(0) ? plan * cij : Acc(0);
@@ -382,7 +382,7 @@ __global__ void __launch_bounds__(kThreads) points_transport_kernel(TransportPar
 #pragma unroll
       for (int jj = 0; jj < TM; ++jj) {
         const Acc cij = point_cost<Acc>(p.p, x_sq[ii], y_sq[jj], dot[ii][jj]);
-        const Acc plan = ot_exp(fa[ii] + gb[tx * TM + jj] - cij * p.inv_eps) * sw[tx * TM + jj];
+        const Acc plan = fast_exp(fa[ii] + gb[tx * TM + jj] - cij * p.inv_eps) * sw[tx * TM + jj];
         const Acc w = plan * cost_gradient_weight<Acc>(p.p, cij);
         mass[ii] += plan;
         total[ii] += plan != Acc(0) ? plan * cij : Acc(0);  // as on the CPU: no 0 * inf

@@ -1,5 +1,5 @@
-// Math shared by the CPU and CUDA optimal-transport kernels: the streaming log-sum-exp, the exponential
-// they use, and the ground costs between points. Everything here is FL_HD so both paths compute the
+// Math shared by the CPU and CUDA optimal-transport kernels: the streaming log-sum-exp (on
+// common/fast_exp.h) and the ground costs between points. Everything here is FL_HD so both paths compute the
 // same function.
 #pragma once
 
@@ -7,40 +7,11 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "common/fast_exp.h"
 #include "common/host_device.h"
 #include "common/math.h"
 
 namespace fl::ot {
-
-// e^x for the inner loops. On the GPU: the hardware exp2 (__expf, about 2 ulp). On the CPU: a
-// Cephes-style exp2 polynomial (relative error about 2e-7) written as selects that the vectorizer
-// turns into blends (with -fno-trapping-math, set for the kernels in CMakeLists.txt), where libm's
-// expf stays a scalar call: 0.6 against 3-4 ns per exponential on the CI machine. Rounding uses the
-// 1.5 * 2^23 trick rather than floorf, a library call without SSE4.1. Arguments below -87.3
-// (e^x < 2^-126) give exactly 0, so log-weights of -inf (zero mass) contribute exactly nothing; NaN
-// stays NaN.
-FL_HD float ot_exp(float x) {
-#if defined(__CUDA_ARCH__)
-  return __expf(x);
-#else
-  const float t = x * 1.44269504088896341f;
-  const float clamped = t < -126.0f ? -126.0f : (t > 127.0f ? 127.0f : t);
-  const float whole = (clamped + 12582912.0f) - 12582912.0f;  // round to nearest
-  const float frac = clamped - whole;
-  float poly = 1.535336188319500e-4f;
-  poly = poly * frac + 1.339887440266574e-3f;
-  poly = poly * frac + 9.618437357674640e-3f;
-  poly = poly * frac + 5.550332471162809e-2f;
-  poly = poly * frac + 2.402264791363012e-1f;
-  poly = poly * frac + 6.931472028550421e-1f;
-  poly = poly * frac + 1.0f;
-  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(whole) + 127) << 23;
-  float scale;
-  memcpy(&scale, &bits, sizeof(scale));
-  return t < -126.0f ? 0.0f : poly * scale;
-#endif
-}
-FL_HD double ot_exp(double x) { return exp(x); }
 
 // A running log-sum-exp: the maximum seen and the sum of e^(v - max). -inf values (zero-mass entries)
 // are skipped, so an all -inf reduction stays (-inf, 0) and its value is -inf, never NaN.
@@ -54,9 +25,9 @@ struct LogSumExp {
   FL_HD void add(Acc v) {
     if (v == -static_cast<Acc>(INFINITY)) return;
     if (v <= max) {
-      sum += ot_exp(v - max);
+      sum += fast_exp(v - max);
     } else {
-      sum = sum * ot_exp(max - v) + Acc(1);
+      sum = sum * fast_exp(max - v) + Acc(1);
       max = v;
     }
   }
@@ -68,9 +39,9 @@ struct LogSumExp {
       max = other_max;
       sum = other_sum;
     } else if (other_max <= max) {
-      sum += other_sum * ot_exp(other_max - max);
+      sum += other_sum * fast_exp(other_max - max);
     } else {
-      sum = sum * ot_exp(max - other_max) + other_sum;
+      sum = sum * fast_exp(max - other_max) + other_sum;
       max = other_max;
     }
   }

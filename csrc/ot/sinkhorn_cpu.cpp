@@ -50,7 +50,7 @@ FL_CPU_MULTIVERSION void add_chunk(LogSumExp<Acc>& acc, const Acc* hb, const Acc
   if (chunk_max == kNegInf<Acc>) return;
   Acc sum = 0;
 #pragma omp simd reduction(+ : sum)
-  for (int64_t t = 0; t < count; ++t) sum += ot_exp(v[t] - chunk_max);
+  for (int64_t t = 0; t < count; ++t) sum += fast_exp(v[t] - chunk_max);
   acc.merge(chunk_max, sum);
 }
 
@@ -108,7 +108,7 @@ FL_CPU_MULTIVERSION void column_block_lse(const T* c, int64_t n, int64_t m, int6
 #pragma omp simd
       for (int64_t t = 0; t < width; ++t) {
         // A column whose costs are all +inf so far has max -inf: it gets nothing, not exp(NaN).
-        const Acc e = ot_exp(hb[i] - to_acc(row[t]) * inv_eps - block_max[t]);
+        const Acc e = fast_exp(hb[i] - to_acc(row[t]) * inv_eps - block_max[t]);
         block_sum[t] += block_max[t] == kNegInf<Acc> ? Acc(0) : e;
       }
     }
@@ -181,7 +181,7 @@ FL_CPU_MULTIVERSION void transport_row_tile(const SideView<T, Acc>& side, int64_
       Acc chunk_mass = 0, chunk_cost = 0, chunk_gw = 0;
 #pragma omp simd reduction(+ : chunk_mass, chunk_cost, chunk_gw)
       for (int64_t t = 0; t < count; ++t) {
-        const Acc plan = ot_exp(fi + gb[j0 + t] - cost[r][t] * inv_eps) * (src_weight ? src_weight[j0 + t] : Acc(1));
+        const Acc plan = fast_exp(fi + gb[j0 + t] - cost[r][t] * inv_eps) * (src_weight ? src_weight[j0 + t] : Acc(1));
         chunk_mass += plan;
         chunk_cost += plan != Acc(0) ? plan * cost[r][t] : Acc(0);  // an infinite cost carries no mass
         weight[t] = p == 0 ? Acc(0) : plan * cost_gradient_weight<Acc>(p, cost[r][t]);
@@ -256,7 +256,7 @@ FL_CPU_MULTIVERSION void plan_row_tile(const SideView<T, Acc>& side, int64_t b, 
       const Acc fi = fa[row0 + r];
       Acc* row = plan + (row0 + r) * m + j0;
 #pragma omp simd
-      for (int64_t t = 0; t < count; ++t) row[t] = ot_exp(fi + gb[j0 + t] - cost[r][t] * inv_eps);
+      for (int64_t t = 0; t < count; ++t) row[t] = fast_exp(fi + gb[j0 + t] - cost[r][t] * inv_eps);
     }
   }
 }

@@ -30,6 +30,7 @@
 #include <mutex>
 #include <vector>
 
+#include "common/cuda_async_copy.cuh"
 #include "common/cuda_check.cuh"
 #include "common/cuda_numeric.cuh"
 #include "quant/quant_kernels.h"
@@ -106,16 +107,6 @@ __device__ __forceinline__ uint32_t fragment_4bit(uint32_t low, uint32_t high, i
   const Pair four = as_pair<Pair>(Element<T>::kMagic == 0x64006400u ? 0x44004400u : 0x40804080u);  // 4.0
   const Pair code = __hfma2(high_value, four, as_pair<Pair>(magic_pair<T>(low, shift)));
   return as_bits(__hsub2(code, as_pair<Pair>(magic_zero)));
-}
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* global, int valid_bytes) {
-  const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(global), "r"(valid_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int Pending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(Pending));
 }
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&a)[4], const void* smem) {
