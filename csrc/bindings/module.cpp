@@ -24,6 +24,7 @@ namespace py = pybind11;
 
 // Families whose bindings live in their own file, csrc/bindings/bind_<family>.cpp.
 void bind_ot(py::module_& m);
+void bind_attention(py::module_& m);
 
 namespace {
 
@@ -340,4 +341,5 @@ PYBIND11_MODULE(_C, m) {
   bind_spherical_factored(m);
   bind_quant(m);
   bind_ot(m);
+  bind_attention(m);
 }

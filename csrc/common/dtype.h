@@ -2,6 +2,7 @@
 // The codes are part of the Python <-> C++ contract (python/fastloss/_library.py).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 
@@ -21,6 +22,8 @@ inline const char* dtype_name(DType dtype) {
   }
   return "unknown";
 }
+
+inline size_t dtype_size(DType dtype) { return dtype == DType::Float64 ? 8 : dtype == DType::Float32 ? 4 : 2; }
 
 inline DType dtype_from_code(int code, const char* where) {
   FL_CHECK_ARG(code >= 0 && code <= 3, where, ": unknown dtype code ", code);

@@ -1,0 +1,608 @@
+// CUDA kernels of softplus attention: FlashAttention-2-style tiles on tensor cores (WMMA, which
+// compiles to mma.sync on sm_80+), cp.async tile loads, and the per-score math of attention_math.h.
+//
+// A block is 4 warps and owns 64 query rows (forward, dQ) or 64 keys (dK/dV); each warp owns 16 of
+// them. Score tiles (16 x 64 per warp) go through shared memory in fp32, where the lanes apply the
+// softplus (one exponential and a polynomial per score) and write the weights in the input type for
+// the next product. Accumulators (out, dQ, dK, dV) stay in WMMA fragments across the key loop.
+//
+//   forward_kernel     [LSSAR: statistics sweep: Z_i, max_j sp_ij] then out = sum_j w_ij v_j / sum w
+//   row_terms_kernel   D_i = dO_i . out_i
+//   grad_q_kernel      [LSSAR: F_i sweep] then dQ = sum_j g_ij k_j
+//   grad_kv_kernel     dK_j = sum_i g_ij q_i, dV_j = sum_i w_ij dO_i over the rows and q heads that see
+//                      the block: every output element has one writer, so there are no atomics and
+//                      the backward is deterministic.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <initializer_list>
+#include <type_traits>
+
+#include "attention/attention_kernels.h"
+#include "attention/attention_math.h"
+#include "common/cuda_async_copy.cuh"
+#include "common/cuda_check.cuh"
+#include "common/cuda_numeric.cuh"
+
+namespace fl::attention {
+namespace {
+
+namespace wmma = nvcuda::wmma;
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kTile = 64;       // query rows or keys per block, and per tile of the inner loop
+constexpr int kWarpRows = 16;   // rows (keys) per warp
+constexpr int kScoreLd = kTile + 4;   // fp32 score tiles, padded against bank conflicts
+constexpr int kWeightLd = kTile + 8;  // 16-bit weight tiles
+
+template <int D>
+struct Dims {
+  static constexpr int kLd = D + 8;                       // 16-bit input tiles (64 x D)
+  static constexpr int kTileElems = kTile * kLd;
+  static constexpr int kFrags = D / 16;                    // accumulator fragments per warp row strip
+  static constexpr int kStageLd = D + 4;                   // fp32 staging of accumulators
+};
+
+template <class T, class Layout>
+using FragAT = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, Layout>;
+template <class T, class Layout>
+using FragBT = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, Layout>;
+using FragAcc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+
+// Everything the kernels read about a call (a by-value kernel argument).
+struct Params {
+  Masking mask;
+  ScaleRule rule;
+  Reweight rw;
+  int64_t heads_q, heads_kv, len_q, len_k, group;
+  int stats_per_row;
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;
+  float* stats;
+  const void* grad_out;
+  void* grad_q;
+  void* grad_k;
+  void* grad_v;
+  float* row_terms;
+};
+
+Params make_params(const AttentionProblem& p) {
+  Params k{};
+  k.mask = Masking{p.len_q, p.len_k, p.cu_seqlens, p.documents, p.causal, p.window};
+  k.rule = ScaleRule{p.scale_mode == ScaleMode::Length, std::log(static_cast<double>(p.head_dim)), p.scale,
+                     p.reweight_offset_rows};
+  k.rw = Reweight{p.reweight(), p.reweight_power, integer_power(p.reweight_power)};
+  k.heads_q = p.heads_q;
+  k.heads_kv = p.heads_kv;
+  k.len_q = p.len_q;
+  k.len_k = p.len_k;
+  k.group = p.heads_q / p.heads_kv;
+  k.stats_per_row = static_cast<int>(p.stats_per_row());
+  k.q = p.q;
+  k.k = p.k;
+  k.v = p.v;
+  return k;
+}
+
+// Loads rows [0, rows_valid) of a 64 x D tile (rows D elements apart in global memory) into shared
+// memory with row stride D + 8; missing rows are zero-filled. Asynchronous: commit and wait after.
+template <class T, int D>
+__device__ __forceinline__ void load_tile_async(T* smem, const T* global, int64_t rows_valid) {
+  constexpr int kChunksPerRow = D * static_cast<int>(sizeof(T)) / 16;
+  for (int c = threadIdx.x; c < kTile * kChunksPerRow; c += kThreads) {
+    const int r = c / kChunksPerRow, part = c % kChunksPerRow;
+    const bool valid = r < rows_valid;
+    cp_async16(smem + r * Dims<D>::kLd + part * 8, valid ? global + static_cast<int64_t>(r) * D + part * 8 : global,
+               valid ? 16 : 0);
+  }
+}
+
+// acc (16 x 64 strip of a warp, 4 fragments) = A (16 x D, row-major, ld) * B^T where B is 64 x D
+// row-major (so B^T is col-major): a score tile, q k^T or dO v^T (or k q^T, v dO^T).
+template <class T, int D>
+__device__ __forceinline__ void strip_times_tile_t(const T* a, const T* b, FragAcc (&acc)[4]) {
+#pragma unroll
+  for (int n = 0; n < 4; ++n) wmma::fill_fragment(acc[n], 0.0f);
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    FragAT<T, wmma::row_major> fa;
+    wmma::load_matrix_sync(fa, a + kk * 16, Dims<D>::kLd);
+#pragma unroll
+    for (int n = 0; n < 4; ++n) {
+      FragBT<T, wmma::col_major> fb;
+      wmma::load_matrix_sync(fb, b + n * 16 * Dims<D>::kLd + kk * 16, Dims<D>::kLd);
+      wmma::mma_sync(acc[n], fa, fb, acc[n]);
+    }
+  }
+}
+
+template <int D>
+__device__ __forceinline__ void store_strip(float* dst, FragAcc (&acc)[4]) {
+#pragma unroll
+  for (int n = 0; n < 4; ++n) wmma::store_matrix_sync(dst + n * 16, acc[n], kScoreLd, wmma::mem_row_major);
+}
+
+// acc (16 x D) += W (16 x 64 weights, row-major, ld kWeightLd) * B (64 x D tile, row-major).
+template <class T, int D>
+__device__ __forceinline__ void weights_times_tile(const T* w, const T* b, FragAcc (&acc)[Dims<D>::kFrags]) {
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    FragAT<T, wmma::row_major> fa;
+    wmma::load_matrix_sync(fa, w + kk * 16, kWeightLd);
+#pragma unroll
+    for (int n = 0; n < Dims<D>::kFrags; ++n) {
+      FragBT<T, wmma::row_major> fb;
+      wmma::load_matrix_sync(fb, b + kk * 16 * Dims<D>::kLd + n * 16, Dims<D>::kLd);
+      wmma::mma_sync(acc[n], fa, fb, acc[n]);
+    }
+  }
+}
+
+// Writes a warp's 16 x D accumulator strip to rows [row0, row0 + 16) of `dst` (rows D apart),
+// times scale[r], through the fp32 staging area `stage` (16 x (D + 4)). Rows past `rows_valid`
+// are skipped.
+template <class T, int D>
+__device__ __forceinline__ void write_strip(FragAcc (&acc)[Dims<D>::kFrags], float* stage, T* dst,
+                                            int64_t rows_valid, const float* scale) {
+#pragma unroll
+  for (int n = 0; n < Dims<D>::kFrags; ++n)
+    wmma::store_matrix_sync(stage + n * 16, acc[n], Dims<D>::kStageLd, wmma::mem_row_major);
+  __syncwarp();
+  const int lane = threadIdx.x & 31;
+  for (int e = lane; e < kWarpRows * D; e += 32) {
+    const int r = e / D, c = e % D;
+    if (r < rows_valid) dst[static_cast<int64_t>(r) * D + c] = CudaStore<T>::from(stage[r * Dims<D>::kStageLd + c] * scale[r]);
+  }
+}
+
+// Shared-memory layout of a kernel: `tiles` 16-bit 64 x D tiles, `scores` fp32 64 x 68 tiles,
+// `weights` 16-bit 64 x 72 tiles, and 64 row states. Every part starts 128-byte aligned.
+template <class T, int D>
+struct Smem {
+  int tiles, scores, weights;
+  __host__ __device__ size_t tiles_bytes() const { return size_t(tiles) * Dims<D>::kTileElems * sizeof(T); }
+  __host__ __device__ size_t scores_bytes() const { return size_t(scores) * kTile * kScoreLd * sizeof(float); }
+  __host__ __device__ size_t weights_bytes() const { return size_t(weights) * kTile * kWeightLd * sizeof(T); }
+  __host__ __device__ size_t bytes() const {
+    return tiles_bytes() + scores_bytes() + weights_bytes() + kTile * sizeof(RowState<float>);
+  }
+  __device__ T* tile(unsigned char* base, int i) const { return reinterpret_cast<T*>(base) + i * Dims<D>::kTileElems; }
+  __device__ float* score(unsigned char* base, int i) const {
+    return reinterpret_cast<float*>(base + tiles_bytes()) + i * kTile * kScoreLd;
+  }
+  __device__ T* weight(unsigned char* base, int i) const {
+    return reinterpret_cast<T*>(base + tiles_bytes() + scores_bytes()) + i * kTile * kWeightLd;
+  }
+  __device__ RowState<float>* rows(unsigned char* base) const {
+    return reinterpret_cast<RowState<float>*>(base + tiles_bytes() + scores_bytes() + weights_bytes());
+  }
+};
+
+// The state of query row `row` (a row past the end sees no keys), from the saved statistics when
+// `stats` is given (second forward sweep, backward).
+__device__ __forceinline__ RowState<float> load_row_state(const Params& p, int64_t head_row0, int64_t row,
+                                                          bool from_stats) {
+  if (row >= p.len_q) {
+    RowState<float> dead;
+    dead.rc = RowConstants<float>{0, 0, 0.f, 0.f, 0.f};
+    return dead;
+  }
+  const RowConstants<float> rc = row_constants<float>(p.mask, p.rule, row);
+  if (!from_stats) return row_state(rc, Reweight{false, 0.0, 0}, 0.f, 0.f, 0.f);
+  const float* st = p.stats + (head_row0 + row) * p.stats_per_row;
+  RowState<float> s = p.rw.on ? row_state(rc, p.rw, st[0], st[1], st[2]) : row_state(rc, p.rw, st[0], 0.f, 0.f);
+  s.d = p.row_terms[(head_row0 + row) * 2];
+  s.f = p.row_terms[(head_row0 + row) * 2 + 1];
+  return s;
+}
+
+// Decodes a flat block index into (batch, head, first row or key); the last row blocks (the longest
+// under causal masking) are scheduled first.
+struct BlockCoords {
+  int64_t b, head, start;
+};
+__device__ __forceinline__ BlockCoords block_coords(int64_t length, int64_t heads) {
+  const int64_t blocks = (length + kTile - 1) / kTile;
+  const int64_t flat = blockIdx.x;
+  const int64_t bh = flat / blocks;
+  return BlockCoords{bh / heads, bh % heads, (blocks - 1 - flat % blocks) * kTile};
+}
+
+// ---- forward ----------------------------------------------------------------------------------
+
+template <class T, int D>
+__global__ void __launch_bounds__(kThreads) forward_kernel(Params p) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  constexpr Smem<T, D> L{3, 1, 1};
+  const BlockCoords at = block_coords(p.len_q, p.heads_q);
+  const int64_t head_row0 = (at.b * p.heads_q + at.head) * p.len_q;
+  const int64_t kv_row0 = (at.b * p.heads_kv + at.head / p.group) * p.len_k;
+  const int64_t r0 = at.start, rows_valid = std::min<int64_t>(kTile, p.len_q - r0);
+  T* q_s = L.tile(smem, 0);
+  T* k_s = L.tile(smem, 1);
+  T* v_s = L.tile(smem, 2);
+  RowState<float>* rows = L.rows(smem);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
+  float* s_w = L.score(smem, 0) + warp * kWarpRows * kScoreLd;
+  T* w_w = L.weight(smem, 0) + warp * kWarpRows * kWeightLd;
+  const T* q = static_cast<const T*>(p.q) + (head_row0 + r0) * D;
+  const T* k = static_cast<const T*>(p.k) + kv_row0 * D;
+  const T* v = static_cast<const T*>(p.v) + kv_row0 * D;
+
+  load_tile_async<T, D>(q_s, q, rows_valid);
+  cp_async_commit();
+  if (threadIdx.x < kTile) rows[threadIdx.x] = load_row_state(p, head_row0, r0 + threadIdx.x, false);
+  __syncthreads();
+  const int64_t key_lo = rows[0].rc.lo, key_hi = rows[rows_valid - 1].rc.hi;
+  const int my_row = warp * kWarpRows + lane / 2;  // each lane pair shares a row, 32 columns each
+  const int col0 = (lane & 1) * 32;
+
+  float z = 0.f, sp_max = 0.f;
+  if (p.rw.on) {  // statistics sweep
+    const RowState<float> rs = rows[my_row];
+    for (int64_t j0 = key_lo; j0 < key_hi; j0 += kTile) {
+      load_tile_async<T, D>(k_s, k + j0 * D, p.len_k - j0);
+      cp_async_commit();
+      cp_async_wait<0>();
+      __syncthreads();
+      FragAcc acc[4];
+      strip_times_tile_t<T, D>(q_s + warp * kWarpRows * Dims<D>::kLd, k_s, acc);
+      store_strip<D>(s_w, acc);
+      __syncwarp();
+      for (int c = 0; c < 32; ++c) {
+        const int64_t j = j0 + col0 + c;
+        if (j >= rs.rc.lo && j < rs.rc.hi) {
+          const float sp = forward_weight(rs, Reweight{false, 0.0, 0}, s_w[(lane / 2) * kScoreLd + col0 + c]);
+          z += sp;
+          sp_max = fmaxf(sp_max, sp);
+        }
+      }
+      __syncthreads();  // k_s is reloaded next
+    }
+    z += __shfl_xor_sync(0xffffffffu, z, 1);
+    sp_max = fmaxf(sp_max, __shfl_xor_sync(0xffffffffu, sp_max, 1));
+    const float xmax = reweight_xmax(rs.rc, z, sp_max);
+    __syncwarp();
+    if ((lane & 1) == 0) rows[my_row] = row_state(rs.rc, p.rw, z, xmax, 1.f);
+    sp_max = xmax;
+    __syncwarp();
+  }
+
+  FragAcc acc_o[Dims<D>::kFrags];
+#pragma unroll
+  for (int n = 0; n < Dims<D>::kFrags; ++n) wmma::fill_fragment(acc_o[n], 0.0f);
+  const RowState<float> rs = rows[my_row];
+  float w_sum = 0.f;
+  for (int64_t j0 = key_lo; j0 < key_hi; j0 += kTile) {
+    load_tile_async<T, D>(k_s, k + j0 * D, p.len_k - j0);
+    cp_async_commit();
+    load_tile_async<T, D>(v_s, v + j0 * D, p.len_k - j0);
+    cp_async_commit();
+    cp_async_wait<1>();  // q and k are in; v may still be on its way
+    __syncthreads();
+    FragAcc acc[4];
+    strip_times_tile_t<T, D>(q_s + warp * kWarpRows * Dims<D>::kLd, k_s, acc);
+    store_strip<D>(s_w, acc);
+    __syncwarp();
+    for (int c = 0; c < 32; ++c) {
+      const int64_t j = j0 + col0 + c;
+      const bool visible = j >= rs.rc.lo && j < rs.rc.hi;
+      const float w = visible ? forward_weight(rs, p.rw, s_w[(lane / 2) * kScoreLd + col0 + c]) : 0.f;
+      w_sum += w;
+      w_w[(lane / 2) * kWeightLd + col0 + c] = CudaStore<T>::from(w);
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+    weights_times_tile<T, D>(w_w, v_s, acc_o);
+    __syncthreads();  // k_s and v_s are reloaded next
+  }
+  w_sum += __shfl_xor_sync(0xffffffffu, w_sum, 1);
+
+  // Normalize and write: w_sum is Z (LSSA) or U (LSSAR; a dead row has inv_z = 0 and outputs 0).
+  float* scale = L.score(smem, 0) + warp * kWarpRows * kScoreLd;  // 16 floats per warp, after its last use
+  __syncthreads();
+  if ((lane & 1) == 0) {
+    const bool live = w_sum > 0.f && (!p.rw.on || rs.inv_z > 0.f);
+    scale[lane / 2] = live ? 1.f / w_sum : 0.f;
+    const int64_t row = r0 + my_row;
+    if (row < p.len_q) {
+      float* st = p.stats + (head_row0 + row) * p.stats_per_row;
+      if (p.rw.on) {
+        st[0] = z;
+        st[1] = sp_max;
+        st[2] = w_sum;
+      } else {
+        st[0] = w_sum;
+      }
+    }
+  }
+  __syncwarp();
+  float* stage = reinterpret_cast<float*>(k_s) + warp * kWarpRows * Dims<D>::kStageLd;
+  write_strip<T, D>(acc_o, stage, static_cast<T*>(p.out) + (head_row0 + r0 + warp * kWarpRows) * D,
+                    rows_valid - warp * kWarpRows, scale);
+}
+
+// ---- backward ---------------------------------------------------------------------------------
+
+template <class T>
+__global__ void row_terms_kernel(Params p, int64_t total_rows, int dim) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x & 31;
+  if (row >= total_rows) return;
+  const T* o = static_cast<const T*>(p.out) + row * dim;
+  const T* g = static_cast<const T*>(p.grad_out) + row * dim;
+  float d = 0.f;
+  for (int c = lane; c < dim; c += 32) d += to_acc(o[c]) * to_acc(g[c]);
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) d += __shfl_xor_sync(0xffffffffu, d, offset);
+  if (lane == 0) {
+    p.row_terms[row * 2] = d;
+    p.row_terms[row * 2 + 1] = 0.f;
+  }
+}
+
+template <class T, int D>
+__global__ void __launch_bounds__(kThreads) grad_q_kernel(Params p) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  constexpr Smem<T, D> L{4, 2, 1};
+  const BlockCoords at = block_coords(p.len_q, p.heads_q);
+  const int64_t head_row0 = (at.b * p.heads_q + at.head) * p.len_q;
+  const int64_t kv_row0 = (at.b * p.heads_kv + at.head / p.group) * p.len_k;
+  const int64_t r0 = at.start, rows_valid = std::min<int64_t>(kTile, p.len_q - r0);
+  T* q_s = L.tile(smem, 0);
+  T* do_s = L.tile(smem, 1);
+  T* k_s = L.tile(smem, 2);
+  T* v_s = L.tile(smem, 3);
+  RowState<float>* rows = L.rows(smem);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
+  float* s_w = L.score(smem, 0) + warp * kWarpRows * kScoreLd;
+  float* dp_w = L.score(smem, 1) + warp * kWarpRows * kScoreLd;
+  T* g_w = L.weight(smem, 0) + warp * kWarpRows * kWeightLd;
+  const T* k = static_cast<const T*>(p.k) + kv_row0 * D;
+  const T* v = static_cast<const T*>(p.v) + kv_row0 * D;
+
+  load_tile_async<T, D>(q_s, static_cast<const T*>(p.q) + (head_row0 + r0) * D, rows_valid);
+  load_tile_async<T, D>(do_s, static_cast<const T*>(p.grad_out) + (head_row0 + r0) * D, rows_valid);
+  cp_async_commit();
+  if (threadIdx.x < kTile) rows[threadIdx.x] = load_row_state(p, head_row0, r0 + threadIdx.x, true);
+  __syncthreads();
+  const int64_t key_lo = rows[0].rc.lo, key_hi = rows[rows_valid - 1].rc.hi;
+  const int my_row = warp * kWarpRows + lane / 2;
+  const int col0 = (lane & 1) * 32;
+
+  // One tile of scores and dO v^T for the warp's rows, in s_w and dp_w.
+  auto score_tiles = [&](int64_t j0) {
+    load_tile_async<T, D>(k_s, k + j0 * D, p.len_k - j0);
+    load_tile_async<T, D>(v_s, v + j0 * D, p.len_k - j0);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    FragAcc acc[4];
+    strip_times_tile_t<T, D>(q_s + warp * kWarpRows * Dims<D>::kLd, k_s, acc);
+    store_strip<D>(s_w, acc);
+    strip_times_tile_t<T, D>(do_s + warp * kWarpRows * Dims<D>::kLd, v_s, acc);
+    store_strip<D>(dp_w, acc);
+    __syncwarp();
+  };
+
+  if (p.rw.on) {  // F_i = sum_j A_ij dA_ij
+    const RowState<float> rs = rows[my_row];
+    float f = 0.f;
+    for (int64_t j0 = key_lo; j0 < key_hi; j0 += kTile) {
+      score_tiles(j0);
+      for (int c = 0; c < 32; ++c) {
+        const int64_t j = j0 + col0 + c;
+        if (j >= rs.rc.lo && j < rs.rc.hi) {
+          const int e = (lane / 2) * kScoreLd + col0 + c;
+          f += score_grad(rs, p.rw, s_w[e], dp_w[e]).f_term;
+        }
+      }
+      __syncthreads();
+    }
+    f += __shfl_xor_sync(0xffffffffu, f, 1);
+    __syncwarp();
+    if ((lane & 1) == 0) {
+      rows[my_row].f = f;
+      if (r0 + my_row < p.len_q) p.row_terms[(head_row0 + r0 + my_row) * 2 + 1] = f;
+    }
+    __syncwarp();
+  }
+
+  FragAcc acc_dq[Dims<D>::kFrags];
+#pragma unroll
+  for (int n = 0; n < Dims<D>::kFrags; ++n) wmma::fill_fragment(acc_dq[n], 0.0f);
+  const RowState<float> rs = rows[my_row];
+  for (int64_t j0 = key_lo; j0 < key_hi; j0 += kTile) {
+    score_tiles(j0);
+    for (int c = 0; c < 32; ++c) {
+      const int64_t j = j0 + col0 + c;
+      const int e = (lane / 2) * kScoreLd + col0 + c;
+      const float g = (j >= rs.rc.lo && j < rs.rc.hi) ? score_grad(rs, p.rw, s_w[e], dp_w[e]).grad : 0.f;
+      g_w[(lane / 2) * kWeightLd + col0 + c] = CudaStore<T>::from(g);
+    }
+    __syncwarp();
+    weights_times_tile<T, D>(g_w, k_s, acc_dq);
+    __syncthreads();
+  }
+  float* unit = L.score(smem, 0) + warp * kWarpRows * kScoreLd;
+  __syncthreads();
+  if (lane < kWarpRows) unit[lane] = 1.f;
+  __syncwarp();
+  float* stage = reinterpret_cast<float*>(k_s) + warp * kWarpRows * Dims<D>::kStageLd;
+  write_strip<T, D>(acc_dq, stage, static_cast<T*>(p.grad_q) + (head_row0 + r0 + warp * kWarpRows) * D,
+                    rows_valid - warp * kWarpRows, unit);
+}
+
+template <class T, int D>
+__global__ void __launch_bounds__(kThreads) grad_kv_kernel(Params p) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  constexpr Smem<T, D> L{4, 2, 2};
+  const BlockCoords at = block_coords(p.len_k, p.heads_kv);
+  const int64_t kv_row0 = (at.b * p.heads_kv + at.head) * p.len_k;
+  const int64_t j0 = at.start, keys_valid = std::min<int64_t>(kTile, p.len_k - j0);
+  T* k_s = L.tile(smem, 0);
+  T* v_s = L.tile(smem, 1);
+  T* q_s = L.tile(smem, 2);
+  T* do_s = L.tile(smem, 3);
+  RowState<float>* rows = L.rows(smem);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
+  float* st_w = L.score(smem, 0) + warp * kWarpRows * kScoreLd;   // scores, keys x rows
+  float* dpt_w = L.score(smem, 1) + warp * kWarpRows * kScoreLd;  // v dO^T, keys x rows
+  T* wt_w = L.weight(smem, 0) + warp * kWarpRows * kWeightLd;
+  T* gt_w = L.weight(smem, 1) + warp * kWarpRows * kWeightLd;
+
+  load_tile_async<T, D>(k_s, static_cast<const T*>(p.k) + (kv_row0 + j0) * D, keys_valid);
+  load_tile_async<T, D>(v_s, static_cast<const T*>(p.v) + (kv_row0 + j0) * D, keys_valid);
+  cp_async_commit();
+  int64_t first, last;
+  rows_seeing_keys(p.mask, j0, j0 + keys_valid, first, last);
+  FragAcc acc_dk[Dims<D>::kFrags], acc_dv[Dims<D>::kFrags];
+#pragma unroll
+  for (int n = 0; n < Dims<D>::kFrags; ++n) {
+    wmma::fill_fragment(acc_dk[n], 0.0f);
+    wmma::fill_fragment(acc_dv[n], 0.0f);
+  }
+  const int my_key = warp * kWarpRows + lane / 2;  // each lane pair shares a key, 32 rows each
+  const int64_t key = j0 + my_key;
+  const int row0 = (lane & 1) * 32;
+  for (int64_t hq = at.head * p.group; hq < (at.head + 1) * p.group; ++hq) {
+    const int64_t head_row0 = (at.b * p.heads_q + hq) * p.len_q;
+    for (int64_t r0 = first; r0 < last; r0 += kTile) {
+      const int64_t rows_valid = std::min<int64_t>(kTile, p.len_q - r0);
+      __syncthreads();  // the previous tile's q_s, do_s and rows are done with
+      load_tile_async<T, D>(q_s, static_cast<const T*>(p.q) + (head_row0 + r0) * D, rows_valid);
+      load_tile_async<T, D>(do_s, static_cast<const T*>(p.grad_out) + (head_row0 + r0) * D, rows_valid);
+      cp_async_commit();
+      if (threadIdx.x < kTile) rows[threadIdx.x] = load_row_state(p, head_row0, r0 + threadIdx.x, true);
+      cp_async_wait<0>();
+      __syncthreads();
+      FragAcc acc[4];
+      strip_times_tile_t<T, D>(k_s + warp * kWarpRows * Dims<D>::kLd, q_s, acc);
+      store_strip<D>(st_w, acc);
+      strip_times_tile_t<T, D>(v_s + warp * kWarpRows * Dims<D>::kLd, do_s, acc);
+      store_strip<D>(dpt_w, acc);
+      __syncwarp();
+      for (int c = 0; c < 32; ++c) {
+        const RowState<float>& rs = rows[row0 + c];
+        const int e = (lane / 2) * kScoreLd + row0 + c;
+        ScoreGrad<float> sg{0.f, 0.f, 0.f};
+        if (key >= rs.rc.lo && key < rs.rc.hi) sg = score_grad(rs, p.rw, st_w[e], dpt_w[e]);
+        wt_w[(lane / 2) * kWeightLd + row0 + c] = CudaStore<T>::from(sg.value_weight);
+        gt_w[(lane / 2) * kWeightLd + row0 + c] = CudaStore<T>::from(sg.grad);
+      }
+      __syncwarp();
+      weights_times_tile<T, D>(wt_w, do_s, acc_dv);
+      weights_times_tile<T, D>(gt_w, q_s, acc_dk);
+    }
+  }
+  cp_async_wait<0>();  // (a block that saw no rows still has its k/v loads in flight)
+  __syncthreads();
+  float* unit = reinterpret_cast<float*>(rows);  // 64 ones: dK and dV are written unscaled
+  if (threadIdx.x < kTile) unit[threadIdx.x] = 1.f;
+  __syncthreads();
+  float* stage = L.score(smem, 0) + warp * kWarpRows * Dims<D>::kStageLd;
+  const int64_t out_row = (kv_row0 + j0 + warp * kWarpRows) * D;
+  write_strip<T, D>(acc_dk, stage, static_cast<T*>(p.grad_k) + out_row, keys_valid - warp * kWarpRows,
+                    unit + warp * kWarpRows);
+  __syncthreads();
+  write_strip<T, D>(acc_dv, stage, static_cast<T*>(p.grad_v) + out_row, keys_valid - warp * kWarpRows,
+                    unit + warp * kWarpRows);
+}
+
+// ---- host side --------------------------------------------------------------------------------
+
+template <class Kernel>
+void launch(Kernel kernel, size_t smem_bytes, int64_t blocks, const Params& params, cudaStream_t stream) {
+  FL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes)));
+  kernel<<<static_cast<unsigned>(blocks), kThreads, smem_bytes, stream>>>(params);
+  FL_CUDA_CHECK(cudaGetLastError());
+}
+
+template <class Fn>
+void dispatch(const AttentionProblem& p, Fn&& fn) {
+  FL_CHECK_ARG(p.dtype == DType::Float16 || p.dtype == DType::BFloat16, p.op_name,
+               ": the CUDA kernels take float16 or bfloat16, got ", dtype_name(p.dtype));
+  auto by_dim = [&](auto type_tag) {
+    using T = decltype(type_tag);
+    switch (p.head_dim) {
+      case 32: fn(T{}, std::integral_constant<int, 32>{}); return;
+      case 64: fn(T{}, std::integral_constant<int, 64>{}); return;
+      case 96: fn(T{}, std::integral_constant<int, 96>{}); return;
+      case 128: fn(T{}, std::integral_constant<int, 128>{}); return;
+      default: fl::throw_invalid_argument(p.op_name, ": the CUDA kernels take head_dim 32, 64, 96 or 128, got ", p.head_dim);
+    }
+  };
+  if (p.dtype == DType::Float16) by_dim(__half{}); else by_dim(__nv_bfloat16{});
+}
+
+void check_cuda_problem(const AttentionProblem& p, std::initializer_list<const void*> pointers) {
+  validate(p);
+  for (const void* ptr : pointers)
+    FL_CHECK_ARG(reinterpret_cast<uintptr_t>(ptr) % 16 == 0, p.op_name,
+                 ": CUDA tensors must start at a 16-byte aligned address (cp.async tile loads)");
+}
+
+int64_t blocks_of(int64_t length, int64_t heads, int64_t batch) {
+  const int64_t blocks = (length + kTile - 1) / kTile * heads * batch;
+  FL_CHECK_ARG(blocks < (int64_t(1) << 31), "fastloss.softplus_attention: too many blocks for one launch");
+  return blocks;
+}
+
+}  // namespace
+
+void forward_cuda(const AttentionProblem& p, void* out, void* stats, int device, cudaStream_t stream) {
+  check_cuda_problem(p, {p.q, p.k, p.v, out});
+  if (p.batch * p.heads_q * p.len_q == 0) return;
+  CudaDeviceGuard guard(device);
+  Params params = make_params(p);
+  params.out = out;
+  params.stats = static_cast<float*>(stats);
+  dispatch(p, [&](auto type_tag, auto dim_tag) {
+    using T = decltype(type_tag);
+    constexpr int D = decltype(dim_tag)::value;
+    constexpr Smem<T, D> layout{3, 1, 1};
+    launch(forward_kernel<T, D>, layout.bytes(), blocks_of(p.len_q, p.heads_q, p.batch), params, stream);
+  });
+}
+
+void backward_cuda(const AttentionProblem& p, const BackwardArgs& a, int device, cudaStream_t stream) {
+  check_cuda_problem(p, {p.q, p.k, p.v, a.out, a.grad_out, a.grad_q, a.grad_k, a.grad_v});
+  CudaDeviceGuard guard(device);
+  if (p.batch * p.heads_q * p.len_q == 0) {  // no query rows: the keys and values get no gradient
+    const size_t bytes = static_cast<size_t>(p.batch * p.heads_kv * p.len_k * p.head_dim) * dtype_size(p.dtype);
+    if (bytes > 0) {
+      FL_CUDA_CHECK(cudaMemsetAsync(a.grad_k, 0, bytes, stream));
+      FL_CUDA_CHECK(cudaMemsetAsync(a.grad_v, 0, bytes, stream));
+    }
+    return;
+  }
+  Params params = make_params(p);
+  params.out = const_cast<void*>(a.out);
+  params.stats = static_cast<float*>(const_cast<void*>(a.stats));
+  params.grad_out = a.grad_out;
+  params.grad_q = a.grad_q;
+  params.grad_k = a.grad_k;
+  params.grad_v = a.grad_v;
+  params.row_terms = static_cast<float*>(a.row_terms);
+  dispatch(p, [&](auto type_tag, auto dim_tag) {
+    using T = decltype(type_tag);
+    constexpr int D = decltype(dim_tag)::value;
+    const int64_t total_rows = p.batch * p.heads_q * p.len_q;
+    row_terms_kernel<T><<<static_cast<unsigned>((total_rows + kWarps - 1) / kWarps), kThreads, 0, stream>>>(
+        params, total_rows, D);
+    FL_CUDA_CHECK(cudaGetLastError());
+    constexpr Smem<T, D> q_layout{4, 2, 1};
+    launch(grad_q_kernel<T, D>, q_layout.bytes(), blocks_of(p.len_q, p.heads_q, p.batch), params, stream);
+    constexpr Smem<T, D> kv_layout{4, 2, 2};
+    launch(grad_kv_kernel<T, D>, kv_layout.bytes(), blocks_of(p.len_k, p.heads_kv, p.batch), params, stream);
+  });
+}
+
+}  // namespace fl::attention
