@@ -63,6 +63,22 @@ struct Scratch {
         wt(kKeys * kRows), gt(kKeys * kRows) {}
 };
 
+// sc.s = q k^T for keys [j0, j0 + count) of the head; with dout, also sc.dp = dO v^T. (Helpers, not
+// lambdas: a lambda is its own function, which GCC may leave un-inlined and so without AVX2.)
+template <class Acc>
+FL_CPU_INLINE void score_tile(const Acc* q, int64_t rows, const Acc* k, int64_t j0, int64_t count, int64_t dim,
+                              Scratch<Acc>& sc) {
+  tile_transpose(count, dim, k + j0 * dim, dim, sc.kt.data(), kKeys);
+  tile_gemm(rows, count, dim, q, dim, sc.kt.data(), kKeys, sc.s.data(), kKeys, false);
+}
+template <class Acc>
+FL_CPU_INLINE void score_and_dp_tile(const Acc* q, const Acc* dout, int64_t rows, const Acc* k, const Acc* v,
+                                     int64_t j0, int64_t count, int64_t dim, Scratch<Acc>& sc) {
+  score_tile(q, rows, k, j0, count, dim, sc);
+  tile_transpose(count, dim, v + j0 * dim, dim, sc.vt.data(), kKeys);
+  tile_gemm(rows, count, dim, dout, dim, sc.vt.data(), kKeys, sc.dp.data(), kKeys, false);
+}
+
 // ---- forward ----------------------------------------------------------------------------------
 
 template <class Acc>
@@ -80,15 +96,10 @@ FL_CPU_MULTIVERSION void forward_block(const View<Acc>& view, int64_t b, int64_t
   }
   const int64_t key_lo = row[0].rc.lo, key_hi = row[rows - 1].rc.hi;
 
-  auto scores = [&](int64_t j0, int64_t count) {  // sc.s = q k^T for keys [j0, j0 + count)
-    tile_transpose(count, dim, k + j0 * dim, dim, sc.kt.data(), kKeys);
-    tile_gemm(rows, count, dim, q, dim, sc.kt.data(), kKeys, sc.s.data(), kKeys, false);
-  };
-
   if (view.rw.on) {  // statistics sweep: Z_i and max_j sp_ij
     for (int64_t j0 = key_lo; j0 < key_hi; j0 += kKeys) {
       const int64_t count = std::min(kKeys, key_hi - j0);
-      scores(j0, count);
+      score_tile(q, rows, k, j0, count, dim, sc);
       for (int64_t r = 0; r < rows; ++r) {
         const Acc* srow = sc.s.data() + r * kKeys;
         const int64_t lo = row[r].rc.lo - j0, hi = row[r].rc.hi - j0;
@@ -115,7 +126,7 @@ FL_CPU_MULTIVERSION void forward_block(const View<Acc>& view, int64_t b, int64_t
   std::fill(acc.begin(), acc.begin() + rows * dim, Acc(0));
   for (int64_t j0 = key_lo; j0 < key_hi; j0 += kKeys) {
     const int64_t count = std::min(kKeys, key_hi - j0);
-    scores(j0, count);
+    score_tile(q, rows, k, j0, count, dim, sc);
     for (int64_t r = 0; r < rows; ++r) {
       const Acc* srow = sc.s.data() + r * kKeys;
       Acc* wrow = sc.w.data() + r * kKeys;
@@ -183,7 +194,7 @@ void load_rows(const View<Acc>& view, const Acc* stats, const Acc* row_terms, in
 // Score gradients of one tile: sc.s = q k^T and sc.dp = dO v^T in, sc.g (and sc.w, value weights) out;
 // returns through f_terms the per-row sums of A dA when asked.
 template <class Acc>
-inline void tile_score_grads(const View<Acc>& view, const RowState<Acc>* row, int64_t rows, int64_t j0, int64_t count,
+FL_CPU_INLINE void tile_score_grads(const View<Acc>& view, const RowState<Acc>* row, int64_t rows, int64_t j0, int64_t count,
                              Scratch<Acc>& sc, Acc* f_terms) {
   for (int64_t r = 0; r < rows; ++r) {
     const Acc* srow = sc.s.data() + r * kKeys;
@@ -228,18 +239,11 @@ FL_CPU_MULTIVERSION void backward_rows(const View<Acc>& view, const BackwardArgs
   load_rows(view, static_cast<const Acc*>(a.stats), row_terms, b, hq, r0, rows, row);
   const int64_t key_lo = row[0].rc.lo, key_hi = row[rows - 1].rc.hi;
 
-  auto tile = [&](int64_t j0, int64_t count) {  // sc.s = q k^T, sc.dp = dO v^T
-    tile_transpose(count, dim, k + j0 * dim, dim, sc.kt.data(), kKeys);
-    tile_transpose(count, dim, v + j0 * dim, dim, sc.vt.data(), kKeys);
-    tile_gemm(rows, count, dim, q, dim, sc.kt.data(), kKeys, sc.s.data(), kKeys, false);
-    tile_gemm(rows, count, dim, dout, dim, sc.vt.data(), kKeys, sc.dp.data(), kKeys, false);
-  };
-
   if (view.rw.on) {  // F_i = sum_j A_ij dA_ij needs the whole row before any score gradient
     Acc f[kRows] = {};
     for (int64_t j0 = key_lo; j0 < key_hi; j0 += kKeys) {
       const int64_t count = std::min(kKeys, key_hi - j0);
-      tile(j0, count);
+      score_and_dp_tile(q, dout, rows, k, v, j0, count, dim, sc);
       tile_score_grads(view, row, rows, j0, count, sc, f);
     }
     for (int64_t r = 0; r < rows; ++r) {
@@ -251,7 +255,7 @@ FL_CPU_MULTIVERSION void backward_rows(const View<Acc>& view, const BackwardArgs
   std::fill(acc.begin(), acc.begin() + rows * dim, Acc(0));
   for (int64_t j0 = key_lo; j0 < key_hi; j0 += kKeys) {
     const int64_t count = std::min(kKeys, key_hi - j0);
-    tile(j0, count);
+    score_and_dp_tile(q, dout, rows, k, v, j0, count, dim, sc);
     tile_score_grads(view, row, rows, j0, count, sc, static_cast<Acc*>(nullptr));
     tile_gemm(rows, dim, count, sc.g.data(), kKeys, k + j0 * dim, dim, acc.data(), dim, true);
   }

@@ -54,6 +54,11 @@ template <class T, class Layout>
 using FragBT = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, Layout>;
 using FragAcc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
 
+// The value weights A_ij (W_ij) of the dV product are about 1/N: in fp16 they go subnormal past
+// N ~ 16k, so they are rounded as 2^14 A (at most 16384 < 65504) and dV is divided back in fp32.
+template <class T>
+constexpr float kValueScale = std::is_same<T, __half>::value ? 16384.0f : 1.0f;
+
 // Everything the kernels read about a call (a by-value kernel argument).
 struct Params {
   Masking mask;
@@ -241,14 +246,14 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Params p) {
   if (threadIdx.x < kTile) rows[threadIdx.x] = load_row_state(p, head_row0, r0 + threadIdx.x, false);
   __syncthreads();
   const int64_t key_lo = rows[0].rc.lo, key_hi = rows[rows_valid - 1].rc.hi;
-  const int my_row = warp * kWarpRows + lane / 2;  // each lane pair shares a row, 32 columns each
-  const int col0 = (lane & 1) * 32;
+  const int my_row = warp * kWarpRows + lane / 2;  // each lane pair shares a row, 32 of its 64 columns each
+  const int half = lane & 1;  // the lane pair interleaves its row's columns (no shared bank)
 
   float z = 0.f, sp_max = 0.f;
   if (p.rw.on) {  // statistics sweep
     const RowState<float> rs = rows[my_row];
     for (int64_t j0 = key_lo; j0 < key_hi; j0 += kTile) {
-      load_tile_async<T, D>(k_s, k + j0 * D, p.len_k - j0);
+      load_tile_async<T, D>(k_s, k + j0 * D, key_hi - j0);
       cp_async_commit();
       cp_async_wait<0>();
       __syncthreads();
@@ -257,9 +262,9 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Params p) {
       store_strip<D>(s_w, acc);
       __syncwarp();
       for (int c = 0; c < 32; ++c) {
-        const int64_t j = j0 + col0 + c;
+        const int64_t j = j0 + 2 * c + half;
         if (j >= rs.rc.lo && j < rs.rc.hi) {
-          const float sp = forward_weight(rs, Reweight{false, 0.0, 0}, s_w[(lane / 2) * kScoreLd + col0 + c]);
+          const float sp = forward_weight(rs, Reweight{false, 0.0, 0}, s_w[(lane / 2) * kScoreLd + 2 * c + half]);
           z += sp;
           sp_max = fmaxf(sp_max, sp);
         }
@@ -281,9 +286,9 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Params p) {
   const RowState<float> rs = rows[my_row];
   float w_sum = 0.f;
   for (int64_t j0 = key_lo; j0 < key_hi; j0 += kTile) {
-    load_tile_async<T, D>(k_s, k + j0 * D, p.len_k - j0);
+    load_tile_async<T, D>(k_s, k + j0 * D, key_hi - j0);  // keys no row sees are never read
     cp_async_commit();
-    load_tile_async<T, D>(v_s, v + j0 * D, p.len_k - j0);
+    load_tile_async<T, D>(v_s, v + j0 * D, key_hi - j0);
     cp_async_commit();
     cp_async_wait<1>();  // q and k are in; v may still be on its way
     __syncthreads();
@@ -292,11 +297,11 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Params p) {
     store_strip<D>(s_w, acc);
     __syncwarp();
     for (int c = 0; c < 32; ++c) {
-      const int64_t j = j0 + col0 + c;
+      const int64_t j = j0 + 2 * c + half;
       const bool visible = j >= rs.rc.lo && j < rs.rc.hi;
-      const float w = visible ? forward_weight(rs, p.rw, s_w[(lane / 2) * kScoreLd + col0 + c]) : 0.f;
+      const float w = visible ? forward_weight(rs, p.rw, s_w[(lane / 2) * kScoreLd + 2 * c + half]) : 0.f;
       w_sum += w;
-      w_w[(lane / 2) * kWeightLd + col0 + c] = CudaStore<T>::from(w);
+      w_w[(lane / 2) * kWeightLd + 2 * c + half] = CudaStore<T>::from(w);
     }
     cp_async_wait<0>();
     __syncthreads();
@@ -375,12 +380,12 @@ __global__ void __launch_bounds__(kThreads) grad_q_kernel(Params p) {
   __syncthreads();
   const int64_t key_lo = rows[0].rc.lo, key_hi = rows[rows_valid - 1].rc.hi;
   const int my_row = warp * kWarpRows + lane / 2;
-  const int col0 = (lane & 1) * 32;
+  const int half = lane & 1;  // the lane pair interleaves its row's columns (no shared bank)
 
   // One tile of scores and dO v^T for the warp's rows, in s_w and dp_w.
   auto score_tiles = [&](int64_t j0) {
-    load_tile_async<T, D>(k_s, k + j0 * D, p.len_k - j0);
-    load_tile_async<T, D>(v_s, v + j0 * D, p.len_k - j0);
+    load_tile_async<T, D>(k_s, k + j0 * D, key_hi - j0);
+    load_tile_async<T, D>(v_s, v + j0 * D, key_hi - j0);
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
@@ -398,9 +403,9 @@ __global__ void __launch_bounds__(kThreads) grad_q_kernel(Params p) {
     for (int64_t j0 = key_lo; j0 < key_hi; j0 += kTile) {
       score_tiles(j0);
       for (int c = 0; c < 32; ++c) {
-        const int64_t j = j0 + col0 + c;
+        const int64_t j = j0 + 2 * c + half;
         if (j >= rs.rc.lo && j < rs.rc.hi) {
-          const int e = (lane / 2) * kScoreLd + col0 + c;
+          const int e = (lane / 2) * kScoreLd + 2 * c + half;
           f += score_grad(rs, p.rw, s_w[e], dp_w[e]).f_term;
         }
       }
@@ -422,22 +427,23 @@ __global__ void __launch_bounds__(kThreads) grad_q_kernel(Params p) {
   for (int64_t j0 = key_lo; j0 < key_hi; j0 += kTile) {
     score_tiles(j0);
     for (int c = 0; c < 32; ++c) {
-      const int64_t j = j0 + col0 + c;
-      const int e = (lane / 2) * kScoreLd + col0 + c;
-      const float g = (j >= rs.rc.lo && j < rs.rc.hi) ? score_grad(rs, p.rw, s_w[e], dp_w[e]).grad : 0.f;
-      g_w[(lane / 2) * kWeightLd + col0 + c] = CudaStore<T>::from(g);
+      const int64_t j = j0 + 2 * c + half;
+      const int e = (lane / 2) * kScoreLd + 2 * c + half;
+      // Without the row's 1/Z (applied when dQ is written): ~1/N values would go subnormal in fp16.
+      const float g = (j >= rs.rc.lo && j < rs.rc.hi) ? score_grad(rs, p.rw, s_w[e], dp_w[e]).grad_times_z : 0.f;
+      g_w[(lane / 2) * kWeightLd + 2 * c + half] = CudaStore<T>::from(g);
     }
     __syncwarp();
     weights_times_tile<T, D>(g_w, k_s, acc_dq);
     __syncthreads();
   }
-  float* unit = L.score(smem, 0) + warp * kWarpRows * kScoreLd;
+  float* inv_z = L.score(smem, 0) + warp * kWarpRows * kScoreLd;
   __syncthreads();
-  if (lane < kWarpRows) unit[lane] = 1.f;
+  if (lane < kWarpRows) inv_z[lane] = rows[warp * kWarpRows + lane].inv_z;
   __syncwarp();
   float* stage = reinterpret_cast<float*>(k_s) + warp * kWarpRows * Dims<D>::kStageLd;
   write_strip<T, D>(acc_dq, stage, static_cast<T*>(p.grad_q) + (head_row0 + r0 + warp * kWarpRows) * D,
-                    rows_valid - warp * kWarpRows, unit);
+                    rows_valid - warp * kWarpRows, inv_z);
 }
 
 template <class T, int D>
@@ -471,11 +477,11 @@ __global__ void __launch_bounds__(kThreads) grad_kv_kernel(Params p) {
   }
   const int my_key = warp * kWarpRows + lane / 2;  // each lane pair shares a key, 32 rows each
   const int64_t key = j0 + my_key;
-  const int row0 = (lane & 1) * 32;
+  const int half = lane & 1;  // the lane pair interleaves the rows (no shared bank)
   for (int64_t hq = at.head * p.group; hq < (at.head + 1) * p.group; ++hq) {
     const int64_t head_row0 = (at.b * p.heads_q + hq) * p.len_q;
     for (int64_t r0 = first; r0 < last; r0 += kTile) {
-      const int64_t rows_valid = std::min<int64_t>(kTile, p.len_q - r0);
+      const int64_t rows_valid = std::min<int64_t>(kTile, last - r0);  // rows that see no key are not read
       __syncthreads();  // the previous tile's q_s, do_s and rows are done with
       load_tile_async<T, D>(q_s, static_cast<const T*>(p.q) + (head_row0 + r0) * D, rows_valid);
       load_tile_async<T, D>(do_s, static_cast<const T*>(p.grad_out) + (head_row0 + r0) * D, rows_valid);
@@ -490,12 +496,12 @@ __global__ void __launch_bounds__(kThreads) grad_kv_kernel(Params p) {
       store_strip<D>(dpt_w, acc);
       __syncwarp();
       for (int c = 0; c < 32; ++c) {
-        const RowState<float>& rs = rows[row0 + c];
-        const int e = (lane / 2) * kScoreLd + row0 + c;
+        const RowState<float>& rs = rows[2 * c + half];
+        const int e = (lane / 2) * kScoreLd + 2 * c + half;
         ScoreGrad<float> sg{0.f, 0.f, 0.f};
         if (key >= rs.rc.lo && key < rs.rc.hi) sg = score_grad(rs, p.rw, st_w[e], dpt_w[e]);
-        wt_w[(lane / 2) * kWeightLd + row0 + c] = CudaStore<T>::from(sg.value_weight);
-        gt_w[(lane / 2) * kWeightLd + row0 + c] = CudaStore<T>::from(sg.grad);
+        wt_w[(lane / 2) * kWeightLd + 2 * c + half] = CudaStore<T>::from(sg.value_weight * kValueScale<T>);
+        gt_w[(lane / 2) * kWeightLd + 2 * c + half] = CudaStore<T>::from(sg.grad);
       }
       __syncwarp();
       weights_times_tile<T, D>(wt_w, do_s, acc_dv);
@@ -504,8 +510,11 @@ __global__ void __launch_bounds__(kThreads) grad_kv_kernel(Params p) {
   }
   cp_async_wait<0>();  // (a block that saw no rows still has its k/v loads in flight)
   __syncthreads();
-  float* unit = reinterpret_cast<float*>(rows);  // 64 ones: dK and dV are written unscaled
-  if (threadIdx.x < kTile) unit[threadIdx.x] = 1.f;
+  float* unit = reinterpret_cast<float*>(rows);  // 64 ones, then 64 undoings of kValueScale
+  if (threadIdx.x < kTile) {
+    unit[threadIdx.x] = 1.f;
+    unit[kTile + threadIdx.x] = 1.f / kValueScale<T>;
+  }
   __syncthreads();
   float* stage = L.score(smem, 0) + warp * kWarpRows * Dims<D>::kStageLd;
   const int64_t out_row = (kv_row0 + j0 + warp * kWarpRows) * D;
@@ -513,7 +522,7 @@ __global__ void __launch_bounds__(kThreads) grad_kv_kernel(Params p) {
                     unit + warp * kWarpRows);
   __syncthreads();
   write_strip<T, D>(acc_dv, stage, static_cast<T*>(p.grad_v) + out_row, keys_valid - warp * kWarpRows,
-                    unit + warp * kWarpRows);
+                    unit + kTile + warp * kWarpRows);
 }
 
 // ---- host side --------------------------------------------------------------------------------
@@ -522,7 +531,7 @@ template <class Kernel>
 void launch(Kernel kernel, size_t smem_bytes, int64_t blocks, const Params& params, cudaStream_t stream) {
   FL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes)));
   kernel<<<static_cast<unsigned>(blocks), kThreads, smem_bytes, stream>>>(params);
-  FL_CUDA_CHECK(cudaGetLastError());
+  FL_CUDA_CHECK_LAUNCH(softplus_attention_kernel);
 }
 
 template <class Fn>
@@ -549,6 +558,16 @@ void check_cuda_problem(const AttentionProblem& p, std::initializer_list<const v
                  ": CUDA tensors must start at a 16-byte aligned address (cp.async tile loads)");
 }
 
+// The opt-in shared-memory limit of `device` (227 KB on H100, 163 KB on A100, 99 KB on sm_86/89):
+// every kernel of a call is checked before the first launch, so a refused call changes nothing.
+void require_shared_memory(const AttentionProblem& p, int device, size_t bytes, const char* pass) {
+  int limit = 0;
+  FL_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  FL_CHECK_ARG(bytes <= static_cast<size_t>(limit), p.op_name, ": the ", pass, " kernel for head_dim ", p.head_dim,
+               " needs ", bytes, " bytes of shared memory per block and this GPU allows ", limit,
+               " (the backward needs an sm_80/sm_90-class GPU for head_dim 96 and 128)");
+}
+
 int64_t blocks_of(int64_t length, int64_t heads, int64_t batch) {
   const int64_t blocks = (length + kTile - 1) / kTile * heads * batch;
   FL_CHECK_ARG(blocks < (int64_t(1) << 31), "fastloss.softplus_attention: too many blocks for one launch");
@@ -568,6 +587,7 @@ void forward_cuda(const AttentionProblem& p, void* out, void* stats, int device,
     using T = decltype(type_tag);
     constexpr int D = decltype(dim_tag)::value;
     constexpr Smem<T, D> layout{3, 1, 1};
+    require_shared_memory(p, device, layout.bytes(), "forward");
     launch(forward_kernel<T, D>, layout.bytes(), blocks_of(p.len_q, p.heads_q, p.batch), params, stream);
   });
 }
@@ -594,13 +614,16 @@ void backward_cuda(const AttentionProblem& p, const BackwardArgs& a, int device,
   dispatch(p, [&](auto type_tag, auto dim_tag) {
     using T = decltype(type_tag);
     constexpr int D = decltype(dim_tag)::value;
-    const int64_t total_rows = p.batch * p.heads_q * p.len_q;
-    row_terms_kernel<T><<<static_cast<unsigned>((total_rows + kWarps - 1) / kWarps), kThreads, 0, stream>>>(
-        params, total_rows, D);
-    FL_CUDA_CHECK(cudaGetLastError());
     constexpr Smem<T, D> q_layout{4, 2, 1};
-    launch(grad_q_kernel<T, D>, q_layout.bytes(), blocks_of(p.len_q, p.heads_q, p.batch), params, stream);
     constexpr Smem<T, D> kv_layout{4, 2, 2};
+    require_shared_memory(p, device, q_layout.bytes(), "dQ");
+    require_shared_memory(p, device, kv_layout.bytes(), "dK/dV");
+    const int64_t total_rows = p.batch * p.heads_q * p.len_q;
+    const int64_t term_blocks = (total_rows + kWarps - 1) / kWarps;
+    FL_CHECK_ARG(term_blocks < (int64_t(1) << 31), p.op_name, ": too many rows for one launch");
+    row_terms_kernel<T><<<static_cast<unsigned>(term_blocks), kThreads, 0, stream>>>(params, total_rows, D);
+    FL_CUDA_CHECK_LAUNCH(row_terms_kernel);
+    launch(grad_q_kernel<T, D>, q_layout.bytes(), blocks_of(p.len_q, p.heads_q, p.batch), params, stream);
     launch(grad_kv_kernel<T, D>, kv_layout.bytes(), blocks_of(p.len_k, p.heads_kv, p.batch), params, stream);
   });
 }

@@ -146,6 +146,7 @@ template <class Acc>
 struct ScoreGrad {
   Acc value_weight;  // multiplies dO_i into dV_j
   Acc grad;          // multiplies k_j into dQ_i and q_i into dK_j
+  Acc grad_times_z;  // grad without the row's 1/Z_i (for a product whose rows are scaled after)
   Acc f_term;        // LSSAR: A_ij dA_ij, summed into F_i by the pre-pass
 };
 
@@ -157,7 +158,8 @@ FL_HD ScoreGrad<Acc> score_grad(const RowState<Acc>& row, const Reweight& rw, Ac
   ScoreGrad<Acc> out;
   if (!rw.on) {
     out.value_weight = sp * row.inv_z;
-    out.grad = c * sig * (dp - row.d) * row.inv_z;
+    out.grad_times_z = c * sig * (dp - row.d);
+    out.grad = out.grad_times_z * row.inv_z;
     out.f_term = Acc(0);
     return out;
   }
@@ -167,7 +169,8 @@ FL_HD ScoreGrad<Acc> score_grad(const RowState<Acc>& row, const Reweight& rw, Ac
   const Acc dA = row.dA_coef * u_pow_pm1 * (dp - row.d);
   out.value_weight = w * row.inv_u;
   out.f_term = sp * row.inv_z * dA;
-  out.grad = c * sig * (dA - row.f) * row.inv_z;
+  out.grad_times_z = c * sig * (dA - row.f);
+  out.grad = out.grad_times_z * row.inv_z;
   return out;
 }
 

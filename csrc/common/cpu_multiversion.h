@@ -9,3 +9,12 @@
 #else
 #define FL_CPU_MULTIVERSION
 #endif
+
+// Helpers called from an FL_CPU_MULTIVERSION function: always inlined, so they are compiled with the
+// caller's instruction set. (A helper GCC decides not to inline is compiled once, for the baseline,
+// and a hot product in it stays SSE2 while its caller is AVX2.)
+#if defined(__GNUC__)
+#define FL_CPU_INLINE inline __attribute__((always_inline))
+#else
+#define FL_CPU_INLINE inline
+#endif

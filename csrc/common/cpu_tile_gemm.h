@@ -7,10 +7,12 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "common/cpu_multiversion.h"
+
 namespace fl {
 
 template <class T>
-inline void tile_gemm(int64_t rows, int64_t cols, int64_t depth, const T* a, int64_t lda, const T* b, int64_t ldb,
+FL_CPU_INLINE void tile_gemm(int64_t rows, int64_t cols, int64_t depth, const T* a, int64_t lda, const T* b, int64_t ldb,
                       T* c, int64_t ldc, bool accumulate) {
   constexpr int kR = 4, kC = 16;
   for (int64_t r0 = 0; r0 < rows; r0 += kR) {
@@ -51,7 +53,7 @@ inline void tile_gemm(int64_t rows, int64_t cols, int64_t depth, const T* a, int
 
 // dst (cols x rows, ld_dst) = src (rows x cols, ld_src) transposed.
 template <class T>
-inline void tile_transpose(int64_t rows, int64_t cols, const T* src, int64_t ld_src, T* dst, int64_t ld_dst) {
+FL_CPU_INLINE void tile_transpose(int64_t rows, int64_t cols, const T* src, int64_t ld_src, T* dst, int64_t ld_dst) {
   for (int64_t i = 0; i < rows; ++i)
     for (int64_t j = 0; j < cols; ++j) dst[j * ld_dst + i] = src[i * ld_src + j];
 }
