@@ -1,4 +1,4 @@
-// CPU kernels of softplus attention: FlashAttention-style tiles (32 query rows x 64 keys) that never
+// CPU kernels of softplus attention: FlashAttention-style tiles (64 query rows x 64 keys) that never
 // hold more than one score tile per thread, so memory is O(N d) at any length. Inputs are float32 or
 // float64 (fastloss.attention upcasts float16/bfloat16 on the CPU); the math is attention_math.h's.
 //
@@ -21,7 +21,7 @@
 namespace fl::attention {
 namespace {
 
-constexpr int64_t kRows = 32;  // query rows per tile
+constexpr int64_t kRows = 64;  // query rows per tile
 constexpr int64_t kKeys = 64;  // keys per tile
 
 // Pointers and shapes of one call, typed.
@@ -79,6 +79,53 @@ FL_CPU_INLINE void score_and_dp_tile(const Acc* q, const Acc* dout, int64_t rows
   tile_gemm(rows, count, dim, dout, dim, sc.vt.data(), kKeys, sc.dp.data(), kKeys, false);
 }
 
+// The score math of attention_math.h over one row of a tile, pass by pass so that every loop is
+// branch-free and vectorizes (the per-score composition, as on the GPU, stays scalar on the CPU).
+
+// sp and sig of the row's scores; for LSSAR also u. Invisible scores get sp = u = 0. (Two loops:
+// a branch on `reweight` inside one keeps GCC from vectorizing it.)
+template <class Acc>
+FL_CPU_INLINE void row_softplus(const RowState<Acc>& row, bool reweight, const Acc* s, int64_t count, int64_t lo,
+                                int64_t hi, Acc* sp, Acc* sig, Acc* u) {
+  const Acc c = row.rc.scale;
+#pragma omp simd
+  for (int64_t t = 0; t < count; ++t) {
+    Acc value, slope;
+    softplus_and_sigmoid(c * s[t], value, slope);
+    sp[t] = t >= lo && t < hi ? value : Acc(0);
+    sig[t] = slope;
+  }
+  if (!reweight) return;
+  const RowState<Acc> local = row;  // field loads out of the loop
+#pragma omp simd
+  for (int64_t t = 0; t < count; ++t) {
+    const Acc base = reweight_base(local, sp[t]);
+    u[t] = t >= lo && t < hi ? base : Acc(0);
+  }
+}
+
+// out[t] = u[t]^(p-1) (power_pm1), as passes of power_step over the row.
+template <class Acc>
+FL_CPU_INLINE void row_power_pm1(const Reweight& rw, const Acc* u, int64_t count, Acc* out) {
+  if (rw.integer_p == 0) {
+    for (int64_t t = 0; t < count; ++t) out[t] = power_pm1(u[t], rw);
+    return;
+  }
+  Acc base[kKeys];
+#pragma omp simd
+  for (int64_t t = 0; t < count; ++t) {
+    out[t] = Acc(1);
+    base[t] = u[t];
+  }
+  for (int e = rw.integer_p - 1; e > 0; e >>= 1) {
+    const bool bit = (e & 1) != 0;
+#pragma omp simd
+    for (int64_t t = 0; t < count; ++t) power_step(out[t], base[t], bit);
+  }
+#pragma omp simd
+  for (int64_t t = 0; t < count; ++t) out[t] = u[t] > Acc(0) ? out[t] : Acc(0);
+}
+
 // ---- forward ----------------------------------------------------------------------------------
 
 template <class Acc>
@@ -101,15 +148,14 @@ FL_CPU_MULTIVERSION void forward_block(const View<Acc>& view, int64_t b, int64_t
       const int64_t count = std::min(kKeys, key_hi - j0);
       score_tile(q, rows, k, j0, count, dim, sc);
       for (int64_t r = 0; r < rows; ++r) {
-        const Acc* srow = sc.s.data() + r * kKeys;
-        const int64_t lo = row[r].rc.lo - j0, hi = row[r].rc.hi - j0;
+        Acc* sp = sc.w.data() + r * kKeys;
+        row_softplus(row[r], false, sc.s.data() + r * kKeys, count, row[r].rc.lo - j0, row[r].rc.hi - j0, sp,
+                     sc.g.data(), sc.dp.data());
         Acc zr = 0, mr = sp_max[r];
 #pragma omp simd reduction(+ : zr) reduction(max : mr)
         for (int64_t t = 0; t < count; ++t) {
-          const Acc sp = forward_weight(row[r], Reweight{false, 0, 0}, srow[t]);
-          const bool visible = t >= lo && t < hi;
-          zr += visible ? sp : Acc(0);
-          mr = visible && sp > mr ? sp : mr;
+          zr += sp[t];  // invisible scores are 0, and every sp >= 0
+          mr = sp[t] > mr ? sp[t] : mr;
         }
         z[r] += zr;
         sp_max[r] = mr;
@@ -128,16 +174,18 @@ FL_CPU_MULTIVERSION void forward_block(const View<Acc>& view, int64_t b, int64_t
     const int64_t count = std::min(kKeys, key_hi - j0);
     score_tile(q, rows, k, j0, count, dim, sc);
     for (int64_t r = 0; r < rows; ++r) {
-      const Acc* srow = sc.s.data() + r * kKeys;
-      Acc* wrow = sc.w.data() + r * kKeys;
-      const int64_t lo = row[r].rc.lo - j0, hi = row[r].rc.hi - j0;
+      Acc* w = sc.w.data() + r * kKeys;
+      Acc* u = sc.dp.data() + r * kKeys;
+      row_softplus(row[r], view.rw.on, sc.s.data() + r * kKeys, count, row[r].rc.lo - j0, row[r].rc.hi - j0, w,
+                   sc.g.data() + r * kKeys, u);
+      if (view.rw.on) {  // w = u^(p-1) u
+        row_power_pm1(view.rw, u, count, w);
+#pragma omp simd
+        for (int64_t t = 0; t < count; ++t) w[t] *= u[t];
+      }
       Acc sum = 0;
 #pragma omp simd reduction(+ : sum)
-      for (int64_t t = 0; t < count; ++t) {
-        const Acc w = forward_weight(row[r], view.rw, srow[t]);
-        wrow[t] = t >= lo && t < hi ? w : Acc(0);
-        sum += wrow[t];
-      }
+      for (int64_t t = 0; t < count; ++t) sum += w[t];
       u_sum[r] += sum;
     }
     tile_gemm(rows, dim, count, sc.w.data(), kKeys, v + j0 * dim, dim, acc.data(), dim, true);
@@ -196,16 +244,23 @@ void load_rows(const View<Acc>& view, const Acc* stats, const Acc* row_terms, in
 template <class Acc>
 FL_CPU_INLINE void tile_score_grads(const View<Acc>& view, const RowState<Acc>* row, int64_t rows, int64_t j0, int64_t count,
                              Scratch<Acc>& sc, Acc* f_terms) {
+  Acc sp[kKeys], sig[kKeys], u[kKeys], u_pm1[kKeys];
   for (int64_t r = 0; r < rows; ++r) {
-    const Acc* srow = sc.s.data() + r * kKeys;
+    const int64_t lo = row[r].rc.lo - j0, hi = row[r].rc.hi - j0;
+    row_softplus(row[r], view.rw.on, sc.s.data() + r * kKeys, count, lo, hi, sp, sig, u);
+    if (view.rw.on) {
+      row_power_pm1(view.rw, u, count, u_pm1);
+    } else {
+      std::fill(u, u + count, Acc(0));
+      std::fill(u_pm1, u_pm1 + count, Acc(0));
+    }
     const Acc* dprow = sc.dp.data() + r * kKeys;
     Acc* grow = sc.g.data() + r * kKeys;
     Acc* wrow = sc.w.data() + r * kKeys;
-    const int64_t lo = row[r].rc.lo - j0, hi = row[r].rc.hi - j0;
     Acc f = 0;
 #pragma omp simd reduction(+ : f)
     for (int64_t t = 0; t < count; ++t) {
-      const ScoreGrad<Acc> sg = score_grad(row[r], view.rw, srow[t], dprow[t]);
+      const ScoreGrad<Acc> sg = score_grad_parts(row[r], view.rw.on, sp[t], sig[t], u[t], u_pm1[t], dprow[t]);
       const bool visible = t >= lo && t < hi;
       grow[t] = visible ? sg.grad : Acc(0);
       wrow[t] = visible ? sg.value_weight : Acc(0);

@@ -39,21 +39,6 @@ FL_HD void softplus_and_sigmoid(Acc s, Acc& sp, Acc& sig) {
   sig = s >= Acc(0) ? r : e * r;
 }
 
-// u^p for u in [0, 1]: by squaring when p is an integer (LSSAR's p = 15 is 6 multiplies), else
-// exp(p log u). 0^p = 0.
-template <class Acc>
-FL_HD Acc unit_power(Acc u, Acc p, int integer_p) {
-  if (integer_p > 0) {
-    Acc result = Acc(1), base = u;
-    for (int e = integer_p; e > 0; e >>= 1) {
-      if (e & 1) result *= base;
-      base *= base;
-    }
-    return result;
-  }
-  return u > Acc(0) ? fl_exp(p * fl_log(u)) : Acc(0);
-}
-
 // The integer value of p when it is a whole number in [1, 64], else 0.
 FL_HD int integer_power(double p) {
   const int whole = static_cast<int>(p);
@@ -90,23 +75,6 @@ FL_HD RowConstants<Acc> row_constants(const Masking& m, const ScaleRule& rule, i
   return r;
 }
 
-// The LSSAR weight of a score given its row's Z and xmax: u^p with u = relu(N A - o) / xmax.
-// Returns u^(p-1) in `u_pow_pm1` for the backward.
-template <class Acc>
-FL_HD Acc reweight_weight(Acc sp, Acc count, Acc offset, Acc inv_z, Acc inv_xmax, Acc p, int integer_p,
-                          Acc& u_pow_pm1) {
-  const Acc x = count * sp * inv_z - offset;
-  if (!(x > Acc(0))) {
-    u_pow_pm1 = Acc(0);
-    return Acc(0);
-  }
-  Acc u = x * inv_xmax;
-  u = u > Acc(1) ? Acc(1) : u;  // rounding can put the row's largest u a hair above 1
-  const int ip = integer_p > 1 ? integer_p - 1 : 0;
-  u_pow_pm1 = integer_p == 1 ? Acc(1) : unit_power(u, p - Acc(1), ip);
-  return u_pow_pm1 * u;
-}
-
 // Everything a score loop needs about its row, forward and backward.
 template <class Acc>
 struct RowState {
@@ -122,8 +90,40 @@ struct RowState {
 struct Reweight {
   bool on;
   double p;
-  int integer_p;
+  int integer_p;  // p when it is a whole number in [1, 64], else 0 (then u^(p-1) = exp((p-1) log u))
 };
+
+// The pieces of a score, each branch-free so that the CPU's loops over a tile vectorize; the CUDA
+// kernels compose the same functions per score (forward_weight, score_grad below), the CPU calls
+// them pass by pass over a row of the tile (attention_cpu.cpp).
+
+// LSSAR's base u = relu(N_i A_ij - o_i) / max_j x_ij in [0, 1] (0 where x <= 0).
+template <class Acc>
+FL_HD Acc reweight_base(const RowState<Acc>& row, Acc sp) {
+  const Acc x = row.rc.count * sp * row.inv_z - row.rc.offset;
+  const Acc u = x * row.inv_xmax;
+  const Acc clipped = u > Acc(1) ? Acc(1) : u;  // rounding can put the row's largest u a hair above 1
+  return x > Acc(0) ? clipped : Acc(0);
+}
+
+// One step of u^(p-1) by repeated squaring: with result = 1 and base = u to start, for each bit of
+// p - 1 from the lowest: result *= base where the bit is set, then base *= base. The CPU runs the
+// steps as passes over a tile row, the GPU as a loop per score: the same multiplications in the
+// same order. (LSSAR's p = 15: p - 1 = 14 is 3 bits, 5 multiplies.)
+template <class Acc>
+FL_HD void power_step(Acc& result, Acc& base, bool bit) {
+  result = bit ? result * base : result;
+  base *= base;
+}
+
+// u^(p-1) for u in [0, 1], 0 where u = 0 (the relu's zero gradient, also for p = 1).
+template <class Acc>
+FL_HD Acc power_pm1(Acc u, const Reweight& rw) {
+  if (rw.integer_p == 0) return u > Acc(0) ? fl_exp(static_cast<Acc>(rw.p - 1.0) * fl_log(u)) : Acc(0);
+  Acc result = Acc(1), base = u;
+  for (int e = rw.integer_p - 1; e > 0; e >>= 1) power_step(result, base, (e & 1) != 0);
+  return u > Acc(0) ? result : Acc(0);
+}
 
 // Forward weight of a visible score q_i . k_j = dot: softplus(c s) for LSSA (normalized by Z later),
 // u^p for LSSAR (normalized by U later).
@@ -132,9 +132,8 @@ FL_HD Acc forward_weight(const RowState<Acc>& row, const Reweight& rw, Acc dot) 
   Acc sp, sig;
   softplus_and_sigmoid(row.rc.scale * dot, sp, sig);
   if (!rw.on) return sp;
-  Acc unused;
-  return reweight_weight(sp, row.rc.count, row.rc.offset, row.inv_z, row.inv_xmax, static_cast<Acc>(rw.p),
-                         rw.integer_p, unused);
+  const Acc u = reweight_base(row, sp);
+  return power_pm1(u, rw) * u;
 }
 
 // Backward, per visible score. With dp = dO_i . v_j, D_i = dO_i . out_i and (LSSAR) F_i:
@@ -150,28 +149,33 @@ struct ScoreGrad {
   Acc f_term;        // LSSAR: A_ij dA_ij, summed into F_i by the pre-pass
 };
 
+// From the parts: sp and sig of the score, and for LSSAR u and u^(p-1).
+template <class Acc>
+FL_HD ScoreGrad<Acc> score_grad_parts(const RowState<Acc>& row, bool reweight, Acc sp, Acc sig, Acc u,
+                                      Acc u_pow_pm1, Acc dp) {
+  ScoreGrad<Acc> out;
+  const Acc c = row.rc.scale;
+  if (!reweight) {
+    out.value_weight = sp * row.inv_z;
+    out.grad_times_z = c * sig * (dp - row.d);
+    out.f_term = Acc(0);
+  } else {
+    const Acc dA = row.dA_coef * u_pow_pm1 * (dp - row.d);
+    out.value_weight = u_pow_pm1 * u * row.inv_u;
+    out.f_term = sp * row.inv_z * dA;
+    out.grad_times_z = c * sig * (dA - row.f);
+  }
+  out.grad = out.grad_times_z * row.inv_z;
+  return out;
+}
+
 template <class Acc>
 FL_HD ScoreGrad<Acc> score_grad(const RowState<Acc>& row, const Reweight& rw, Acc dot, Acc dp) {
   Acc sp, sig;
-  const Acc c = row.rc.scale;
-  softplus_and_sigmoid(c * dot, sp, sig);
-  ScoreGrad<Acc> out;
-  if (!rw.on) {
-    out.value_weight = sp * row.inv_z;
-    out.grad_times_z = c * sig * (dp - row.d);
-    out.grad = out.grad_times_z * row.inv_z;
-    out.f_term = Acc(0);
-    return out;
-  }
-  Acc u_pow_pm1;
-  const Acc w = reweight_weight(sp, row.rc.count, row.rc.offset, row.inv_z, row.inv_xmax, static_cast<Acc>(rw.p),
-                                rw.integer_p, u_pow_pm1);
-  const Acc dA = row.dA_coef * u_pow_pm1 * (dp - row.d);
-  out.value_weight = w * row.inv_u;
-  out.f_term = sp * row.inv_z * dA;
-  out.grad_times_z = c * sig * (dA - row.f);
-  out.grad = out.grad_times_z * row.inv_z;
-  return out;
+  softplus_and_sigmoid(row.rc.scale * dot, sp, sig);
+  const Acc u = rw.on ? reweight_base(row, sp) : Acc(0);
+  const Acc u_pow_pm1 = rw.on ? power_pm1(u, rw) : Acc(0);
+  return score_grad_parts(row, rw.on, sp, sig, u, u_pow_pm1, dp);
 }
 
 // The row's state from the forward statistics (Z; for LSSAR also xmax and U), as the second forward
