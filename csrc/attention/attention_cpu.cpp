@@ -239,11 +239,12 @@ void load_rows(const View<Acc>& view, const Acc* stats, const Acc* row_terms, in
   }
 }
 
-// Score gradients of one tile: sc.s = q k^T and sc.dp = dO v^T in, sc.g (and sc.w, value weights) out;
-// returns through f_terms the per-row sums of A dA when asked.
+// The score math of one tile of the backward: sc.s = q k^T and sc.dp = dO v^T in. Without `sums`:
+// sc.g (score gradients) and sc.w (value weights) out. With `sums` (LSSAR's pre-pass): only the
+// per-row sums for D_i and F_i.
 template <class Acc>
-FL_CPU_INLINE void tile_score_grads(const View<Acc>& view, const RowState<Acc>* row, int64_t rows, int64_t j0, int64_t count,
-                             Scratch<Acc>& sc, Acc* f_terms) {
+FL_CPU_INLINE void tile_score_grads(const View<Acc>& view, const RowState<Acc>* row, int64_t rows, int64_t j0,
+                                    int64_t count, Scratch<Acc>& sc, RowTermSums<Acc>* sums) {
   Acc sp[kKeys], sig[kKeys], u[kKeys], u_pm1[kKeys];
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t lo = row[r].rc.lo - j0, hi = row[r].rc.hi - j0;
@@ -255,22 +256,35 @@ FL_CPU_INLINE void tile_score_grads(const View<Acc>& view, const RowState<Acc>* 
       std::fill(u_pm1, u_pm1 + count, Acc(0));
     }
     const Acc* dprow = sc.dp.data() + r * kKeys;
+    if (sums != nullptr) {  // invisible scores have sp = u = 0, so they add nothing
+      Acc w_dp = 0, a_pm1_dp = 0, a_pm1 = 0;
+      const RowState<Acc> local = row[r];
+#pragma omp simd reduction(+ : w_dp, a_pm1_dp, a_pm1)
+      for (int64_t t = 0; t < count; ++t) {
+        RowTermSums<Acc> one;
+        add_row_terms(one, local, sp[t], u[t], u_pm1[t], dprow[t]);
+        w_dp += one.w_dp;
+        a_pm1_dp += one.a_pm1_dp;
+        a_pm1 += one.a_pm1;
+      }
+      sums[r].w_dp += w_dp;
+      sums[r].a_pm1_dp += a_pm1_dp;
+      sums[r].a_pm1 += a_pm1;
+      continue;
+    }
     Acc* grow = sc.g.data() + r * kKeys;
     Acc* wrow = sc.w.data() + r * kKeys;
-    Acc f = 0;
-#pragma omp simd reduction(+ : f)
+#pragma omp simd
     for (int64_t t = 0; t < count; ++t) {
       const ScoreGrad<Acc> sg = score_grad_parts(row[r], view.rw.on, sp[t], sig[t], u[t], u_pm1[t], dprow[t]);
       const bool visible = t >= lo && t < hi;
       grow[t] = visible ? sg.grad : Acc(0);
       wrow[t] = visible ? sg.value_weight : Acc(0);
-      f += visible ? sg.f_term : Acc(0);
     }
-    if (f_terms != nullptr) f_terms[r] += f;
   }
 }
 
-// Pass A: D_i, F_i (LSSAR) and dQ for one row block.
+// Pass A: D_i (LSSA: dO_i . out_i; LSSAR: from the pre-pass), F_i (LSSAR) and dQ for one row block.
 template <class Acc>
 FL_CPU_MULTIVERSION void backward_rows(const View<Acc>& view, const BackwardArgs& a, int64_t b, int64_t hq, int64_t r0,
                                        int64_t rows, Scratch<Acc>& sc, std::vector<Acc>& acc) {
@@ -294,16 +308,18 @@ FL_CPU_MULTIVERSION void backward_rows(const View<Acc>& view, const BackwardArgs
   load_rows(view, static_cast<const Acc*>(a.stats), row_terms, b, hq, r0, rows, row);
   const int64_t key_lo = row[0].rc.lo, key_hi = row[rows - 1].rc.hi;
 
-  if (view.rw.on) {  // F_i = sum_j A_ij dA_ij needs the whole row before any score gradient
-    Acc f[kRows] = {};
+  if (view.rw.on) {  // D_i and F_i need the whole row before any score gradient
+    RowTermSums<Acc> sums[kRows];
     for (int64_t j0 = key_lo; j0 < key_hi; j0 += kKeys) {
       const int64_t count = std::min(kKeys, key_hi - j0);
       score_and_dp_tile(q, dout, rows, k, v, j0, count, dim, sc);
-      tile_score_grads(view, row, rows, j0, count, sc, f);
+      tile_score_grads(view, row, rows, j0, count, sc, sums);
     }
     for (int64_t r = 0; r < rows; ++r) {
-      row[r].f = f[r];
-      row_terms[view.row_index(b, hq, r0 + r) * 2 + 1] = f[r];
+      finish_row_terms(row[r], sums[r], row[r].d, row[r].f);
+      const int64_t index = view.row_index(b, hq, r0 + r);
+      row_terms[index * 2] = row[r].d;
+      row_terms[index * 2 + 1] = row[r].f;
     }
   }
 
@@ -311,7 +327,7 @@ FL_CPU_MULTIVERSION void backward_rows(const View<Acc>& view, const BackwardArgs
   for (int64_t j0 = key_lo; j0 < key_hi; j0 += kKeys) {
     const int64_t count = std::min(kKeys, key_hi - j0);
     score_and_dp_tile(q, dout, rows, k, v, j0, count, dim, sc);
-    tile_score_grads(view, row, rows, j0, count, sc, static_cast<Acc*>(nullptr));
+    tile_score_grads(view, row, rows, j0, count, sc, static_cast<RowTermSums<Acc>*>(nullptr));
     tile_gemm(rows, dim, count, sc.g.data(), kKeys, k + j0 * dim, dim, acc.data(), dim, true);
   }
   Acc* dq = static_cast<Acc*>(a.grad_q) + qo;
@@ -341,7 +357,7 @@ FL_CPU_MULTIVERSION void backward_keys(const View<Acc>& view, const BackwardArgs
       load_rows(view, static_cast<const Acc*>(a.stats), static_cast<const Acc*>(a.row_terms), b, hq, r0, rows, row);
       tile_gemm(rows, count, dim, q, dim, sc.kt.data(), kKeys, sc.s.data(), kKeys, false);
       tile_gemm(rows, count, dim, dout, dim, sc.vt.data(), kKeys, sc.dp.data(), kKeys, false);
-      tile_score_grads(view, row, rows, j0, count, sc, static_cast<Acc*>(nullptr));
+      tile_score_grads(view, row, rows, j0, count, sc, static_cast<RowTermSums<Acc>*>(nullptr));
       tile_transpose(rows, count, sc.g.data(), kKeys, sc.gt.data(), kRows);
       tile_transpose(rows, count, sc.w.data(), kKeys, sc.wt.data(), kRows);
       tile_gemm(count, dim, rows, sc.gt.data(), kRows, q, dim, dk.data(), dim, true);

@@ -8,7 +8,7 @@
 //
 //   forward_kernel     [LSSAR: statistics sweep: Z_i, max_j sp_ij] then out = sum_j w_ij v_j / sum w
 //   row_terms_kernel   D_i = dO_i . out_i
-//   grad_q_kernel      [LSSAR: F_i sweep] then dQ = sum_j g_ij k_j
+//   grad_q_kernel      [LSSAR: a sweep for D_i = sum_j W_ij dp_ij and F_i] then dQ = sum_j g_ij k_j
 //   grad_kv_kernel     dK_j = sum_i g_ij q_i, dV_j = sum_i w_ij dO_i over the rows and q heads that see
 //                      the block: every output element has one writer, so there are no atomics and
 //                      the backward is deterministic.
@@ -397,25 +397,36 @@ __global__ void __launch_bounds__(kThreads) grad_q_kernel(Params p) {
     __syncwarp();
   };
 
-  if (p.rw.on) {  // F_i = sum_j A_ij dA_ij
+  if (p.rw.on) {  // D_i and F_i (attention_math.h's RowTermSums) need the whole row first
     const RowState<float> rs = rows[my_row];
-    float f = 0.f;
+    RowTermSums<float> sums;
     for (int64_t j0 = key_lo; j0 < key_hi; j0 += kTile) {
       score_tiles(j0);
       for (int c = 0; c < 32; ++c) {
         const int64_t j = j0 + 2 * c + half;
         if (j >= rs.rc.lo && j < rs.rc.hi) {
           const int e = (lane / 2) * kScoreLd + 2 * c + half;
-          f += score_grad(rs, p.rw, s_w[e], dp_w[e]).f_term;
+          float sp, sig;
+          softplus_and_sigmoid(rs.rc.scale * s_w[e], sp, sig);
+          const float u = reweight_base(rs, sp);
+          add_row_terms(sums, rs, sp, u, power_pm1(u, p.rw), dp_w[e]);
         }
       }
       __syncthreads();
     }
-    f += __shfl_xor_sync(0xffffffffu, f, 1);
+    sums.w_dp += __shfl_xor_sync(0xffffffffu, sums.w_dp, 1);
+    sums.a_pm1_dp += __shfl_xor_sync(0xffffffffu, sums.a_pm1_dp, 1);
+    sums.a_pm1 += __shfl_xor_sync(0xffffffffu, sums.a_pm1, 1);
     __syncwarp();
     if ((lane & 1) == 0) {
+      float d, f;
+      finish_row_terms(rs, sums, d, f);
+      rows[my_row].d = d;
       rows[my_row].f = f;
-      if (r0 + my_row < p.len_q) p.row_terms[(head_row0 + r0 + my_row) * 2 + 1] = f;
+      if (r0 + my_row < p.len_q) {
+        p.row_terms[(head_row0 + r0 + my_row) * 2] = d;
+        p.row_terms[(head_row0 + r0 + my_row) * 2 + 1] = f;
+      }
     }
     __syncwarp();
   }

@@ -139,15 +139,36 @@ FL_HD Acc forward_weight(const RowState<Acc>& row, const Reweight& rw, Acc dot) 
 // Backward, per visible score. With dp = dO_i . v_j, D_i = dO_i . out_i and (LSSAR) F_i:
 //   LSSA:  dsp = (dp - D) / Z,                      value weight A_ij = sp / Z
 //   LSSAR: dA = N p u^(p-1) (dp - D) / (xmax U) where x > 0 (else 0), dsp = (dA - F) / Z,
-//          value weight W_ij = u^p / U, and F_i's term A_ij dA_ij
+//          value weight W_ij = u^p / U
 // The score gradient is with respect to the raw dot product q_i . k_j: c_i sigmoid(c_i dot) dsp.
 template <class Acc>
 struct ScoreGrad {
   Acc value_weight;  // multiplies dO_i into dV_j
   Acc grad;          // multiplies k_j into dQ_i and q_i into dK_j
   Acc grad_times_z;  // grad without the row's 1/Z_i (for a product whose rows are scaled after)
-  Acc f_term;        // LSSAR: A_ij dA_ij, summed into F_i by the pre-pass
 };
+
+// LSSAR's row terms, from a pre-pass over the row's scores: D_i = sum_j W_ij dp_ij (equal to
+// dO_i . out_i, but without out's rounding to a 16-bit type, which p u^(p-1) amplifies) and
+// F_i = sum_j A_ij dA_ij = N p / (xmax U) (sum_j A u^(p-1) dp - D_i sum_j A u^(p-1)).
+template <class Acc>
+struct RowTermSums {
+  Acc w_dp = 0, a_pm1_dp = 0, a_pm1 = 0;
+};
+
+template <class Acc>
+FL_HD void add_row_terms(RowTermSums<Acc>& sums, const RowState<Acc>& row, Acc sp, Acc u, Acc u_pow_pm1, Acc dp) {
+  const Acc a_pm1 = sp * row.inv_z * u_pow_pm1;
+  sums.w_dp += u_pow_pm1 * u * row.inv_u * dp;
+  sums.a_pm1_dp += a_pm1 * dp;
+  sums.a_pm1 += a_pm1;
+}
+
+template <class Acc>
+FL_HD void finish_row_terms(const RowState<Acc>& row, const RowTermSums<Acc>& sums, Acc& d, Acc& f) {
+  d = sums.w_dp;
+  f = row.dA_coef * (sums.a_pm1_dp - d * sums.a_pm1);
+}
 
 // From the parts: sp and sig of the score, and for LSSAR u and u^(p-1).
 template <class Acc>
@@ -158,11 +179,9 @@ FL_HD ScoreGrad<Acc> score_grad_parts(const RowState<Acc>& row, bool reweight, A
   if (!reweight) {
     out.value_weight = sp * row.inv_z;
     out.grad_times_z = c * sig * (dp - row.d);
-    out.f_term = Acc(0);
   } else {
     const Acc dA = row.dA_coef * u_pow_pm1 * (dp - row.d);
     out.value_weight = u_pow_pm1 * u * row.inv_u;
-    out.f_term = sp * row.inv_z * dA;
     out.grad_times_z = c * sig * (dA - row.f);
   }
   out.grad = out.grad_times_z * row.inv_z;

@@ -31,8 +31,13 @@ FL_HD RowSpan row_span(const Masking& m, int64_t row) {
       const int64_t mid = (first + last + 1) / 2;
       if (m.cu_seqlens[mid] <= row) first = mid; else last = mid - 1;
     }
+    // Clamped into [0, len_k]: offsets that were never checked (a CUDA graph, torch.compile) give
+    // wrong rows, never reads outside k and v.
+    const int64_t len = m.len_k;
     start = m.cu_seqlens[first];
+    start = start < 0 ? 0 : (start > row ? row : start);
     end = m.cu_seqlens[first + 1];
+    end = end > len ? len : (end <= row ? row + 1 : end);
     pos = row - start;
   }
   const int64_t at = start + pos;

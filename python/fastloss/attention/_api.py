@@ -29,8 +29,8 @@ def _check_tensors(q, k, v) -> None:
         raise ValueError(f"fastloss.{FN}: k {tuple(k.shape)} and v {tuple(v.shape)} must have one shape")
     if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         raise ValueError(f"fastloss.{FN}: q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch and head_dim")
-    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
-        raise ValueError(f"fastloss.{FN}: the query heads ({q.shape[1]}) must be a multiple of the key/value heads "
+    if k.shape[1] == 0 or q.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"fastloss.{FN}: the query heads ({q.shape[1]}) must be a positive multiple of the key/value heads "
                          f"({k.shape[1]})")  # fmt: skip
     if q.shape[3] == 0:
         raise ValueError(f"fastloss.{FN}: head_dim must be >= 1")
@@ -101,7 +101,9 @@ def softplus_attention(
         reweight: None for LSSA, or p >= 1 for LSSAR (the paper uses 15 for long contexts). The kernels
             normalize by the row's largest x before the power, so it never overflows; the result is the
             exact ratio (no epsilon in the denominator). A row with no x_ij > 0 outputs 0.
-        reweight_offset_rows: rows at (document) positions below this have o_i = 0, the others 1.
+        reweight_offset_rows: rows at (document) positions below this have o_i = 0, the others 1: the
+            paper's rule for its first rows, keyed on the row's position (also under a window or
+            without causal masking, where N_i is not position + 1).
         normalize_qk: l2-normalize q and k over head_dim (differentiably, in torch) before the kernel.
         cu_seqlens: packed documents (FlashAttention's varlen): q, k, v of batch 1 hold the documents
             back to back along the sequence, and cu_seqlens (documents + 1 increasing offsets from 0

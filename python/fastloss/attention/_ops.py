@@ -92,7 +92,16 @@ def _backward(grad_out, q, k, v, out, stats, cu_seqlens, causal, window, length_
 
 
 def _backward_fake(grad_out, q, k, v, out, stats, *rest):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # The kernels write contiguous gradients whatever the strides of q, k, v (transposed views from
+    # a projection are the usual case): the fake must say so, or a compiled graph plans other strides.
+    contiguous = torch.contiguous_format
+    return (torch.empty_like(q, memory_format=contiguous), torch.empty_like(k, memory_format=contiguous),
+            torch.empty_like(v, memory_format=contiguous))  # fmt: skip
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("fastloss.softplus_attention: double backward (create_graph=True through the backward) is not "
+                       "supported")  # fmt: skip
 
 
 backward = L.define_op(
@@ -102,6 +111,8 @@ backward = L.define_op(
     cpu=lambda *args: _backward(*args, device="cpu"),
     cuda=lambda *args: _backward(*args, device="cuda"),
     fake=_backward_fake,
+    backward=_no_double_backward,
+    setup_context=lambda ctx, inputs, output: None,
 )
 
 

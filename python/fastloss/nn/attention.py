@@ -30,9 +30,12 @@ class SoftplusAttention(torch.nn.Module):
         causal, scale, reweight, reweight_offset_rows, normalize_qk, window: as in
             ``fastloss.softplus_attention``.
 
-    ``forward(x, *, cu_seqlens=None, past_key_value=None, use_cache=False)``: with a cache
-    ``(k, v)`` of earlier positions (B, Hkv, P, d), the new rows attend to the cache and to
-    themselves (decoding: N = 1); with ``use_cache`` it returns ``(out, (k, v))``.
+    ``forward(x, *, cu_seqlens=None, past_key_value=None, use_cache=False, positions=None)``: with a
+    cache ``(k, v)`` of earlier positions (B, Hkv, P, d), already rotated, the new rows attend to the
+    cache and to themselves (decoding: N = 1); with ``use_cache`` it returns ``(out, (k, v))``.
+    ``positions`` (N,) are the absolute positions given to ``rotary``; by default they continue from
+    the cache length, which is right unless the cache was trimmed (a sliding window). The kernel's
+    N_i and offset-rows rule count the keys it is given.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, *, num_kv_heads: int | None = None, head_dim: int | None = None,
@@ -66,14 +69,20 @@ class SoftplusAttention(torch.nn.Module):
         return f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, {opts}"
 
     def forward(self, x: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None,
-                past_key_value: tuple[torch.Tensor, torch.Tensor] | None = None, use_cache: bool = False):  # fmt: skip
+                past_key_value: tuple[torch.Tensor, torch.Tensor] | None = None, use_cache: bool = False,
+                positions: torch.Tensor | None = None):  # fmt: skip
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         past = 0 if past_key_value is None else past_key_value[0].shape[2]
+        if positions is None:
+            positions = torch.arange(past, past + seq, device=x.device)
+        elif positions.shape != (seq,):
+            raise ValueError(f"fastloss.nn.SoftplusAttention: 'positions' must have shape ({seq},), got "
+                             f"{tuple(positions.shape)}")  # fmt: skip
         if self.rotary is not None:
-            q, k = self.rotary(q, k, torch.arange(past, past + seq, device=x.device))
+            q, k = self.rotary(q, k, positions)
         if past_key_value is not None:
             k = torch.cat([past_key_value[0], k], dim=2)
             v = torch.cat([past_key_value[1], v], dim=2)
