@@ -33,9 +33,12 @@ class CudaAttention final : public PreparedCase {
         stats_(static_cast<size_t>(shape.batch * shape.heads * shape.len * 3) * 4),
         row_terms_(static_cast<size_t>(shape.batch * shape.heads * shape.len * 2) * 4) {
     problem_ = problem(shape, fl::DType::BFloat16, q_.get(), k_.get(), v_.get());
+    workspace_bytes_ = fl::attention::forward_cuda_workspace_bytes(problem_, device_);
+    workspace_ = std::make_unique<DeviceBuffer>(static_cast<size_t>(workspace_bytes_));
   }
   void run() override {
-    fl::attention::forward_cuda(problem_, out_.get(), stats_.get(), device_, stream_);
+    fl::attention::forward_cuda(problem_, out_.get(), stats_.get(), workspace_->get(), workspace_bytes_, device_,
+                                stream_);
     if (!shape_.backward) return;
     fl::attention::BackwardArgs a;
     a.out = out_.get();
@@ -65,6 +68,8 @@ class CudaAttention final : public PreparedCase {
   size_t count_;
   DeviceBuffer q_, k_, v_, grad_out_, out_, grad_q_, grad_k_, grad_v_, stats_, row_terms_;
   fl::attention::AttentionProblem problem_;
+  int64_t workspace_bytes_ = 0;
+  std::unique_ptr<DeviceBuffer> workspace_;
 };
 
 std::vector<CaseSpec> cuda_cases(bool quick) {

@@ -24,6 +24,7 @@
 
 #include "attention/attention_kernels.h"
 #include "attention/attention_math.h"
+#include "attention/cuda_common.cuh"
 #include "common/cuda_async_copy.cuh"
 #include "common/cuda_check.cuh"
 #include "common/cuda_numeric.cuh"
@@ -32,6 +33,7 @@ namespace fl::attention {
 namespace {
 
 namespace wmma = nvcuda::wmma;
+using namespace cuda_detail;
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
@@ -58,43 +60,6 @@ using FragAcc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
 // N ~ 16k, so they are rounded as 2^14 A (at most 16384 < 65504) and dV is divided back in fp32.
 template <class T>
 constexpr float kValueScale = std::is_same<T, __half>::value ? 16384.0f : 1.0f;
-
-// Everything the kernels read about a call (a by-value kernel argument).
-struct Params {
-  Masking mask;
-  ScaleRule rule;
-  Reweight rw;
-  int64_t heads_q, heads_kv, len_q, len_k, group;
-  int stats_per_row;
-  const void* q;
-  const void* k;
-  const void* v;
-  void* out;
-  float* stats;
-  const void* grad_out;
-  void* grad_q;
-  void* grad_k;
-  void* grad_v;
-  float* row_terms;
-};
-
-Params make_params(const AttentionProblem& p) {
-  Params k{};
-  k.mask = Masking{p.len_q, p.len_k, p.cu_seqlens, p.documents, p.causal, p.window};
-  k.rule = ScaleRule{p.scale_mode == ScaleMode::Length, std::log(static_cast<double>(p.head_dim)), p.scale,
-                     p.reweight_offset_rows};
-  k.rw = Reweight{p.reweight(), p.reweight_power, integer_power(p.reweight_power)};
-  k.heads_q = p.heads_q;
-  k.heads_kv = p.heads_kv;
-  k.len_q = p.len_q;
-  k.len_k = p.len_k;
-  k.group = p.heads_q / p.heads_kv;
-  k.stats_per_row = static_cast<int>(p.stats_per_row());
-  k.q = p.q;
-  k.k = p.k;
-  k.v = p.v;
-  return k;
-}
 
 // Loads rows [0, rows_valid) of a 64 x D tile (rows D elements apart in global memory) into shared
 // memory with row stride D + 8; missing rows are zero-filled. Asynchronous: commit and wait after.
@@ -545,30 +510,6 @@ void launch(Kernel kernel, size_t smem_bytes, int64_t blocks, const Params& para
   FL_CUDA_CHECK_LAUNCH(softplus_attention_kernel);
 }
 
-template <class Fn>
-void dispatch(const AttentionProblem& p, Fn&& fn) {
-  FL_CHECK_ARG(p.dtype == DType::Float16 || p.dtype == DType::BFloat16, p.op_name,
-               ": the CUDA kernels take float16 or bfloat16, got ", dtype_name(p.dtype));
-  auto by_dim = [&](auto type_tag) {
-    using T = decltype(type_tag);
-    switch (p.head_dim) {
-      case 32: fn(T{}, std::integral_constant<int, 32>{}); return;
-      case 64: fn(T{}, std::integral_constant<int, 64>{}); return;
-      case 96: fn(T{}, std::integral_constant<int, 96>{}); return;
-      case 128: fn(T{}, std::integral_constant<int, 128>{}); return;
-      default: fl::throw_invalid_argument(p.op_name, ": the CUDA kernels take head_dim 32, 64, 96 or 128, got ", p.head_dim);
-    }
-  };
-  if (p.dtype == DType::Float16) by_dim(__half{}); else by_dim(__nv_bfloat16{});
-}
-
-void check_cuda_problem(const AttentionProblem& p, std::initializer_list<const void*> pointers) {
-  validate(p);
-  for (const void* ptr : pointers)
-    FL_CHECK_ARG(reinterpret_cast<uintptr_t>(ptr) % 16 == 0, p.op_name,
-                 ": CUDA tensors must start at a 16-byte aligned address (cp.async tile loads)");
-}
-
 // The opt-in shared-memory limit of `device` (227 KB on H100, 163 KB on A100, 99 KB on sm_86/89):
 // every kernel of a call is checked before the first launch, so a refused call changes nothing.
 void require_shared_memory(const AttentionProblem& p, int device, size_t bytes, const char* pass) {
@@ -587,10 +528,20 @@ int64_t blocks_of(int64_t length, int64_t heads, int64_t batch) {
 
 }  // namespace
 
-void forward_cuda(const AttentionProblem& p, void* out, void* stats, int device, cudaStream_t stream) {
+int64_t forward_cuda_workspace_bytes(const AttentionProblem& p, int device) {
+  CudaDeviceGuard guard(device);
+  return decode_workspace_bytes(p, device);
+}
+
+void forward_cuda(const AttentionProblem& p, void* out, void* stats, void* workspace, int64_t workspace_bytes,
+                  int device, cudaStream_t stream) {
   check_cuda_problem(p, {p.q, p.k, p.v, out});
   if (p.batch * p.heads_q * p.len_q == 0) return;
   CudaDeviceGuard guard(device);
+  if (decode_workspace_bytes(p, device) > 0) {  // one row per head: split the keys instead
+    decode_forward_cuda(p, out, stats, workspace, workspace_bytes, device, stream);
+    return;
+  }
   Params params = make_params(p);
   params.out = out;
   params.stats = static_cast<float*>(stats);

@@ -73,8 +73,11 @@ void backward_cpu(const AttentionProblem& p, const BackwardArgs& a);
 
 #if defined(FASTLOSS_WITH_CUDA)
 // float16 / bfloat16 with head_dim in {32, 64, 96, 128} on tensor cores (WMMA); float32 and other
-// head dims are refused with an error naming them.
-void forward_cuda(const AttentionProblem& p, void* out, void* stats, int device, cudaStream_t stream);
+// head dims are refused with an error naming them. A decode step (len_q = 1, no cu_seqlens) splits
+// the keys over blocks and needs forward_cuda_workspace_bytes() of workspace (0 otherwise).
+int64_t forward_cuda_workspace_bytes(const AttentionProblem& p, int device);
+void forward_cuda(const AttentionProblem& p, void* out, void* stats, void* workspace, int64_t workspace_bytes,
+                  int device, cudaStream_t stream);
 void backward_cuda(const AttentionProblem& p, const BackwardArgs& a, int device, cudaStream_t stream);
 #endif
 

@@ -67,7 +67,10 @@ void bind_attention(py::module_& m) {
       }));
   m.def(
       "attention_forward_cpu",
-      [](const AttentionProblem& p, uintptr_t out, uintptr_t stats) { forward_cpu(p, ptr(out), ptr(stats)); }, no_gil);
+      [](const AttentionProblem& p, uintptr_t out, uintptr_t stats, uintptr_t, int64_t) {
+        forward_cpu(p, ptr(out), ptr(stats));  // (no workspace on the CPU)
+      },
+      no_gil);
   m.def(
       "attention_backward_cpu",
       [](const AttentionProblem& p, uintptr_t out, uintptr_t grad_out, uintptr_t stats, uintptr_t grad_q,
@@ -76,10 +79,13 @@ void bind_attention(py::module_& m) {
       },
       no_gil);
 #if defined(FASTLOSS_WITH_CUDA)
+  m.def("attention_forward_cuda_workspace_bytes", &forward_cuda_workspace_bytes, no_gil);
   m.def(
       "attention_forward_cuda",
-      [](const AttentionProblem& p, uintptr_t out, uintptr_t stats, int device, uintptr_t stream) {
-        forward_cuda(p, ptr(out), ptr(stats), device, reinterpret_cast<cudaStream_t>(stream));
+      [](const AttentionProblem& p, uintptr_t out, uintptr_t stats, uintptr_t workspace, int64_t workspace_bytes,
+         int device, uintptr_t stream) {
+        forward_cuda(p, ptr(out), ptr(stats), ptr(workspace), workspace_bytes, device,
+                     reinterpret_cast<cudaStream_t>(stream));
       },
       no_gil);
   m.def(

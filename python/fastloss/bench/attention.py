@@ -141,6 +141,7 @@ def _problems(device: torch.device, quick: bool, compile_peer: bool, *, reweight
                 return out
 
             calls = {"fastloss": ours}
+            flex_fn = None
             # FlexAttention has no backward on the CPU, and its LSSAR backward needs a gradient for the
             # captured log Z buffer (Triton backend only): there it times forward only.
             if flex is not None and not (backward and (reweight or device.type == "cpu")):
