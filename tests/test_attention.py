@@ -129,6 +129,16 @@ def test_decode_step_equals_the_last_row_of_the_full_pass(device):
             check_against_reference(q[:, :, -1:].detach().requires_grad_(), k, v, reweight=reweight)
 
 
+@pytest.mark.parametrize("window", [None, 1000])
+def test_decode_step_against_a_long_cache(device, window):
+    """One row against 3000 keys: on CUDA the split-KV decode kernel with many splits."""
+    for dtype in dtypes_for(device):
+        q, k, v = make((1, 2, 1, 64), (1, 1, 3000, 64), dtype, device)
+        for reweight in (None, 15):
+            for causal in (True, False):
+                check_against_reference(q, k, v, causal=causal, window=window, reweight=reweight)
+
+
 def test_offset_rows_rule_and_first_row(device):
     for dtype in dtypes_for(device):
         q, k, v = make((1, 2, 40, 32), (1, 2, 40, 32), dtype, device)

@@ -26,7 +26,8 @@ using namespace cuda_detail;
 
 constexpr int kDecodeWarps = 4;
 constexpr int kDecodeThreads = kDecodeWarps * 32;
-constexpr int64_t kMinKeysPerSplit = 256;
+constexpr int64_t kMinKeysPerSplit = 128;
+constexpr int64_t kBlocksPerSm = 8;  // a decode step is bandwidth-bound: many loads in flight
 
 enum class DecodePass : int { Statistics = 0, Values = 1 };
 
@@ -34,13 +35,17 @@ struct Split {
   int64_t splits, keys_per_split;
 };
 
-// Enough splits for about two blocks per SM, each with at least kMinKeysPerSplit keys.
+// Enough splits of the row's visible keys (a window may make them few) for about kBlocksPerSm
+// blocks per SM, each with at least kMinKeysPerSplit keys. The allocation (decode_workspace_bytes)
+// and the launch both call this, so they agree.
 Split choose_split(const AttentionProblem& p, int device) {
+  const RowSpan span = row_span(make_params(p).mask, 0);
+  const int64_t visible = std::max<int64_t>(1, span.hi - span.lo);
   const int64_t heads = p.batch * p.heads_q;
-  const int64_t want = std::max<int64_t>(1, (2 * cuda_sm_count(device) + heads - 1) / heads);
-  const int64_t most = std::max<int64_t>(1, (p.len_k + kMinKeysPerSplit - 1) / kMinKeysPerSplit);
+  const int64_t want = std::max<int64_t>(1, (kBlocksPerSm * cuda_sm_count(device) + heads - 1) / heads);
+  const int64_t most = std::max<int64_t>(1, (visible + kMinKeysPerSplit - 1) / kMinKeysPerSplit);
   const int64_t splits = std::min(want, most);
-  return Split{splits, (p.len_k + splits - 1) / splits};
+  return Split{splits, (visible + splits - 1) / splits};
 }
 
 // The single row's state: before the statistics (pass 1 of LSSAR, or LSSA), or from them.
@@ -51,22 +56,24 @@ __device__ __forceinline__ RowState<float> decode_row(const Params& p, int64_t b
   return row_state(rc, p.rw, st[0], st[1], 1.f);
 }
 
-// One block: keys [lo + split * keys_per_split, ...) of one (batch, head). Each warp takes every
-// fourth key; each lane holds D/32 consecutive dims of q and of the value accumulator.
+// One block: keys [lo + split * keys_per_split, ...) of one (batch, head); a 1-D grid of
+// (batch * heads) x splits blocks, split fastest. Each warp takes every fourth key; each lane holds
+// D/32 consecutive dims of q and of the value accumulator, and loads its part of v with k's, before
+// the reduction of the dot product.
 template <class T, int D>
 __global__ void __launch_bounds__(kDecodeThreads) decode_split_kernel(Params p, Split split, DecodePass pass,
                                                                       float* partial) {
   constexpr int kPerLane = D / 32;
   __shared__ float q_s[D];
   __shared__ float reduce_s[kDecodeWarps][D + 2];
-  const int64_t bh = blockIdx.y;
+  const int64_t bh = blockIdx.x / split.splits, split_index = blockIdx.x % split.splits;
   const int64_t b = bh / p.heads_q, hq = bh % p.heads_q;
   const int64_t kv_row0 = (b * p.heads_kv + hq / p.group) * p.len_k;
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
   const bool values = pass == DecodePass::Values;
   const RowState<float> rs = decode_row(p, bh, values && p.rw.on);
   const Reweight rw = values ? p.rw : Reweight{false, 0.0, 0};
-  const int64_t begin = rs.rc.lo + blockIdx.x * split.keys_per_split;
+  const int64_t begin = rs.rc.lo + split_index * split.keys_per_split;
   const int64_t end = std::min<int64_t>(rs.rc.hi, begin + split.keys_per_split);
   const T* q = static_cast<const T*>(p.q) + bh * D;
   for (int c = threadIdx.x; c < D; c += kDecodeThreads) q_s[c] = to_acc(q[c]);
@@ -76,6 +83,12 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_split_kernel(Params p, 
   float sum = 0.f, sp_max = 0.f;
   for (int64_t j = begin + warp; j < end; j += kDecodeWarps) {
     const T* k = static_cast<const T*>(p.k) + (kv_row0 + j) * D + lane * kPerLane;
+    float v_part[kPerLane] = {};
+    if (values) {
+      const T* v = static_cast<const T*>(p.v) + (kv_row0 + j) * D + lane * kPerLane;
+#pragma unroll
+      for (int e = 0; e < kPerLane; ++e) v_part[e] = to_acc(v[e]);
+    }
     float dot = 0.f;
 #pragma unroll
     for (int e = 0; e < kPerLane; ++e) dot += q_s[lane * kPerLane + e] * to_acc(k[e]);
@@ -84,11 +97,8 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_split_kernel(Params p, 
     const float w = forward_weight(rs, rw, dot);  // sp in the statistics pass
     sum += w;
     sp_max = fmaxf(sp_max, w);
-    if (values) {
-      const T* v = static_cast<const T*>(p.v) + (kv_row0 + j) * D + lane * kPerLane;
 #pragma unroll
-      for (int e = 0; e < kPerLane; ++e) acc[e] += w * to_acc(v[e]);
-    }
+    for (int e = 0; e < kPerLane; ++e) acc[e] += w * v_part[e];
   }
 #pragma unroll
   for (int e = 0; e < kPerLane; ++e) reduce_s[warp][lane * kPerLane + e] = acc[e];
@@ -97,7 +107,7 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_split_kernel(Params p, 
     reduce_s[warp][D + 1] = sp_max;
   }
   __syncthreads();
-  float* out = partial + (bh * split.splits + blockIdx.x) * (D + 2);
+  float* out = partial + blockIdx.x * static_cast<int64_t>(D + 2);  // = (bh * splits + split_index) * (D + 2)
   for (int c = threadIdx.x; c < D + 2; c += kDecodeThreads) {
     float total = reduce_s[0][c];
     for (int w = 1; w < kDecodeWarps; ++w) total = c == D + 1 ? fmaxf(total, reduce_s[w][c]) : total + reduce_s[w][c];
@@ -153,8 +163,7 @@ void decode_forward_cuda(const AttentionProblem& p, void* out, void* stats, void
   const int64_t heads = p.batch * p.heads_q;
   FL_CHECK_ARG(workspace_bytes >= decode_workspace_bytes(p, device) && workspace != nullptr, p.op_name,
                ": the decode workspace is too small");
-  FL_CHECK_ARG(heads < 65536 && heads * split.splits < (int64_t(1) << 31), p.op_name,
-               ": too many heads for one decode launch (batch * heads_q must be < 65536)");
+  FL_CHECK_ARG(heads * split.splits < (int64_t(1) << 31), p.op_name, ": too many heads for one decode launch");
   Params params = make_params(p);
   params.out = out;
   params.stats = static_cast<float*>(stats);
@@ -162,7 +171,7 @@ void decode_forward_cuda(const AttentionProblem& p, void* out, void* stats, void
   dispatch(p, [&](auto type_tag, auto dim_tag) {
     using T = decltype(type_tag);
     constexpr int D = decltype(dim_tag)::value;
-    const dim3 split_grid(static_cast<unsigned>(split.splits), static_cast<unsigned>(heads));
+    const unsigned split_grid = static_cast<unsigned>(heads * split.splits);
     if (p.reweight()) {
       decode_split_kernel<T, D><<<split_grid, kDecodeThreads, 0, stream>>>(params, split, DecodePass::Statistics,
                                                                           partial);
