@@ -185,16 +185,29 @@ __device__ __forceinline__ BlockCoords block_coords(int64_t length, int64_t head
   return BlockCoords{bh / heads, bh % heads, (blocks - 1 - flat % blocks) * kTile};
 }
 
+// A row-block kernel's place: the first row r0 of its 64, how many exist, and the row offsets of
+// its (batch, q head) in q-shaped tensors and of the matching kv head in k-shaped ones.
+struct RowBlock {
+  int64_t head_row0, kv_row0, r0, rows_valid;
+};
+__device__ __forceinline__ RowBlock row_block(const Params& p) {
+  const BlockCoords at = block_coords(p.len_q, p.heads_q);
+  RowBlock rb;
+  rb.head_row0 = (at.b * p.heads_q + at.head) * p.len_q;
+  rb.kv_row0 = (at.b * p.heads_kv + at.head / p.group) * p.len_k;
+  rb.r0 = at.start;
+  rb.rows_valid = std::min<int64_t>(kTile, p.len_q - at.start);
+  return rb;
+}
+
 // ---- forward ----------------------------------------------------------------------------------
 
 template <class T, int D>
 __global__ void __launch_bounds__(kThreads) forward_kernel(Params p) {
   extern __shared__ __align__(128) unsigned char smem[];
   constexpr Smem<T, D> L{3, 1, 1};
-  const BlockCoords at = block_coords(p.len_q, p.heads_q);
-  const int64_t head_row0 = (at.b * p.heads_q + at.head) * p.len_q;
-  const int64_t kv_row0 = (at.b * p.heads_kv + at.head / p.group) * p.len_k;
-  const int64_t r0 = at.start, rows_valid = std::min<int64_t>(kTile, p.len_q - r0);
+  const RowBlock rb = row_block(p);
+  const int64_t head_row0 = rb.head_row0, kv_row0 = rb.kv_row0, r0 = rb.r0, rows_valid = rb.rows_valid;
   T* q_s = L.tile(smem, 0);
   T* k_s = L.tile(smem, 1);
   T* v_s = L.tile(smem, 2);
@@ -322,10 +335,8 @@ template <class T, int D>
 __global__ void __launch_bounds__(kThreads) grad_q_kernel(Params p) {
   extern __shared__ __align__(128) unsigned char smem[];
   constexpr Smem<T, D> L{4, 2, 1};
-  const BlockCoords at = block_coords(p.len_q, p.heads_q);
-  const int64_t head_row0 = (at.b * p.heads_q + at.head) * p.len_q;
-  const int64_t kv_row0 = (at.b * p.heads_kv + at.head / p.group) * p.len_k;
-  const int64_t r0 = at.start, rows_valid = std::min<int64_t>(kTile, p.len_q - r0);
+  const RowBlock rb = row_block(p);
+  const int64_t head_row0 = rb.head_row0, kv_row0 = rb.kv_row0, r0 = rb.r0, rows_valid = rb.rows_valid;
   T* q_s = L.tile(smem, 0);
   T* do_s = L.tile(smem, 1);
   T* k_s = L.tile(smem, 2);
