@@ -25,6 +25,7 @@ namespace py = pybind11;
 // Families whose bindings live in their own file, csrc/bindings/bind_<family>.cpp.
 void bind_ot(py::module_& m);
 void bind_attention(py::module_& m);
+void bind_metric(py::module_& m);
 
 namespace {
 
@@ -342,4 +343,5 @@ PYBIND11_MODULE(_C, m) {
   bind_quant(m);
   bind_ot(m);
   bind_attention(m);
+  bind_metric(m);
 }

@@ -9,7 +9,7 @@ Adding a family means adding its name here and nothing else outside its files.
 import importlib
 from types import ModuleType
 
-FAMILIES: tuple[str, ...] = ("spherical", "quant", "ot", "attention")
+FAMILIES: tuple[str, ...] = ("spherical", "quant", "ot", "attention", "metric")
 
 
 def import_all(package: str) -> list[ModuleType]:

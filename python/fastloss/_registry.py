@@ -15,6 +15,8 @@ class SelfCheck:
     # run(device, dtype) -> (relative error against the float64 reference, tolerance)
     run: Callable[[torch.device, torch.dtype], tuple[float, float]]
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float64)
+    # Device types the family has kernels for (a family may be CPU-only while its CUDA kernels are written).
+    devices: tuple[str, ...] = ("cpu", "cuda")
 
 
 SELF_CHECKS: list[SelfCheck] = []

@@ -1,0 +1,499 @@
+// The losses of the metric family on one query row: the row of similarities s_j = x_i . y_j, each
+// pair's class (excluded, positive, negative), and the loss's parameters in, the row's loss terms,
+// counts and statistics out (forward), or the row of W_j = dL/ds_j out (backward). The semantics
+// follow pytorch-metric-learning's losses and miners, cited per loss; the reduction over rows (mean,
+// mean of the nonzero terms) is done by the caller from the terms and counts.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "metric/metric_kernels.h"
+
+namespace fl::metric {
+
+enum PairClass : uint8_t { kExcluded = 0, kPositive = 1, kNegative = 2 };
+
+template <class Acc>
+struct Row {
+  const Acc* s;         // m similarities
+  const uint8_t* cls;   // m pair classes
+  int64_t m;
+  int64_t target;       // InfoNCE / AUC: the positive column
+  const Acc* dist;      // contrastive / triplet (euclidean): m distances, else null
+};
+
+template <class Acc>
+struct RowResult {
+  Acc terms[kRowTerms] = {0, 0};
+  Acc counts[kRowTerms] = {0, 0};
+  Acc stats[kRowStats] = {0, 0, 0, 0};
+};
+
+template <class Acc>
+constexpr Acc kNegInf = -std::numeric_limits<Acc>::infinity();
+
+template <class Acc>
+inline Acc softplus_acc(Acc x) {
+  return (x > 0 ? x : Acc(0)) + std::log1p(std::exp(-std::fabs(x)));
+}
+template <class Acc>
+inline Acc sigmoid_acc(Acc x) {
+  return x >= 0 ? Acc(1) / (Acc(1) + std::exp(-x)) : std::exp(x) / (Acc(1) + std::exp(x));
+}
+
+// log(sum_j exp(v_j)) over the j where keep(j) holds, with an optional extra term e^0 (PML's
+// add_one); -inf for an empty set without the extra term.
+template <class Acc, class Value, class Keep>
+inline Acc row_lse(int64_t m, Value value, Keep keep, bool add_one) {
+  Acc mx = add_one ? Acc(0) : kNegInf<Acc>;
+  for (int64_t j = 0; j < m; ++j)
+    if (keep(j)) mx = std::max(mx, value(j));
+  if (mx == kNegInf<Acc>) return mx;
+  Acc sum = add_one ? std::exp(-mx) : Acc(0);
+  for (int64_t j = 0; j < m; ++j)
+    if (keep(j)) sum += std::exp(value(j) - mx);
+  return mx + std::log(sum);
+}
+
+// Euclidean distance between unit vectors from their similarity and squared norms, as
+// torch.cdist computes it for more than 25 rows: sqrt(max(|x|^2 + |y|^2 - 2 s, 0)).
+template <class Acc>
+inline Acc unit_distance(Acc x_sqnorm, Acc y_sqnorm, Acc s) {
+  const Acc sq = x_sqnorm + y_sqnorm - Acc(2) * s;
+  return std::sqrt(sq > 0 ? sq : Acc(0));
+}
+// d(distance)/d(s) = -1 / distance; 0 at distance 0 (torch.cdist's gradient there).
+template <class Acc>
+inline Acc distance_slope(Acc d) {
+  return d > 0 ? -Acc(1) / d : Acc(0);
+}
+
+// ---- InfoNCE / CLIP: -log softmax_j(scale s)[target] ----------------------------------------------
+
+template <class Acc>
+RowResult<Acc> info_nce_forward(const Row<Acc>& r, Acc scale) {
+  RowResult<Acc> out;
+  const Acc lse = row_lse<Acc>(r.m, [&](int64_t j) { return scale * r.s[j]; }, [&](int64_t) { return true; }, false);
+  out.terms[0] = lse - scale * r.s[r.target];
+  out.counts[0] = 1;
+  out.stats[0] = lse;
+  return out;
+}
+
+// W_j = g (softmax_j - [j = target]) * scale (the column part of the symmetric loss is added by
+// the caller).
+template <class Acc>
+void info_nce_backward(const Row<Acc>& r, const Acc* stats, Acc g, Acc scale, Acc* w) {
+  for (int64_t j = 0; j < r.m; ++j) w[j] = g * scale * std::exp(scale * r.s[j] - stats[0]);
+  w[r.target] -= g * scale;
+}
+
+// ---- NT-Xent (PML NTXentLoss): per positive pair, -log(e^{l_p} / (e^{l_p} + sum_neg e^{l_n})) -----
+
+template <class Acc>
+RowResult<Acc> nt_xent_forward(const Row<Acc>& r, Acc inv_t) {
+  RowResult<Acc> out;
+  const Acc ln = row_lse<Acc>(r.m, [&](int64_t j) { return r.s[j] * inv_t; },
+                              [&](int64_t j) { return r.cls[j] == kNegative; }, false);
+  Acc sum = 0, weight = 0, positives = 0, negatives = 0;
+  for (int64_t j = 0; j < r.m; ++j) {
+    if (r.cls[j] == kNegative) negatives += 1;
+    if (r.cls[j] != kPositive) continue;
+    positives += 1;
+    if (ln == kNegInf<Acc>) continue;  // no negative: the pair's loss is log(1) = 0
+    sum += softplus_acc(ln - r.s[j] * inv_t);
+    weight += sigmoid_acc(ln - r.s[j] * inv_t);
+  }
+  out.terms[0] = sum;
+  out.counts[0] = positives;
+  out.counts[1] = negatives;
+  out.stats[0] = ln;
+  out.stats[1] = weight;
+  return out;
+}
+
+template <class Acc>
+void nt_xent_backward(const Row<Acc>& r, const Acc* stats, Acc g, Acc inv_t, Acc* w) {
+  const Acc ln = stats[0], weight = stats[1];
+  for (int64_t j = 0; j < r.m; ++j) {
+    const Acc l = r.s[j] * inv_t;
+    if (ln == kNegInf<Acc> || r.cls[j] == kExcluded) w[j] = 0;
+    else if (r.cls[j] == kPositive) w[j] = -g * sigmoid_acc(ln - l) * inv_t;
+    else w[j] = g * weight * std::exp(l - ln) * inv_t;
+  }
+}
+
+// ---- SupCon (PML SupConLoss): LSE over every non-self pair minus the mean positive logit ----------
+
+template <class Acc>
+RowResult<Acc> supcon_forward(const Row<Acc>& r, Acc inv_t) {
+  RowResult<Acc> out;
+  const Acc lse = row_lse<Acc>(r.m, [&](int64_t j) { return r.s[j] * inv_t; },
+                               [&](int64_t j) { return r.cls[j] != kExcluded; }, false);
+  Acc positives = 0, negatives = 0, pos_sum = 0;
+  for (int64_t j = 0; j < r.m; ++j) {
+    if (r.cls[j] == kPositive) {
+      positives += 1;
+      pos_sum += r.s[j] * inv_t;
+    } else if (r.cls[j] == kNegative) {
+      negatives += 1;
+    }
+  }
+  out.terms[0] = positives > 0 ? lse - pos_sum / positives : Acc(0);
+  out.counts[0] = positives;
+  out.counts[1] = negatives;
+  out.stats[0] = lse;
+  out.stats[1] = positives;
+  return out;
+}
+
+template <class Acc>
+void supcon_backward(const Row<Acc>& r, const Acc* stats, Acc g, Acc inv_t, Acc* w) {
+  const Acc lse = stats[0], positives = stats[1];
+  for (int64_t j = 0; j < r.m; ++j) {
+    if (positives == 0 || r.cls[j] == kExcluded) {
+      w[j] = 0;
+      continue;
+    }
+    const Acc softmax = std::exp(r.s[j] * inv_t - lse);
+    w[j] = g * (softmax - (r.cls[j] == kPositive ? Acc(1) / positives : Acc(0))) * inv_t;
+  }
+}
+
+// ---- Multi-Similarity (PML MultiSimilarityLoss, optionally on MultiSimilarityMiner's pairs) -------
+// Mining keeps a positive when s_p - eps < max_neg s and a negative when s_n + eps > min_pos s
+// (comparisons in the accumulator type, as PML's in the embeddings' type).
+
+template <class Acc>
+struct MsParams {
+  Acc alpha, beta, base, eps;
+  bool mining;
+};
+
+template <class Acc>
+inline void ms_thresholds(const Row<Acc>& r, Acc& min_pos, Acc& max_neg) {
+  min_pos = std::numeric_limits<Acc>::max();
+  max_neg = std::numeric_limits<Acc>::lowest();
+  for (int64_t j = 0; j < r.m; ++j) {
+    if (r.cls[j] == kPositive) min_pos = std::min(min_pos, r.s[j]);
+    if (r.cls[j] == kNegative) max_neg = std::max(max_neg, r.s[j]);
+  }
+}
+
+template <class Acc>
+inline bool ms_keep_positive(const MsParams<Acc>& q, Acc s, Acc max_neg) {
+  return !q.mining || s - q.eps < max_neg;
+}
+template <class Acc>
+inline bool ms_keep_negative(const MsParams<Acc>& q, Acc s, Acc min_pos) {
+  return !q.mining || s + q.eps > min_pos;
+}
+
+template <class Acc>
+RowResult<Acc> multi_similarity_forward(const Row<Acc>& r, const MsParams<Acc>& q) {
+  RowResult<Acc> out;
+  Acc min_pos, max_neg;
+  ms_thresholds(r, min_pos, max_neg);
+  auto pos = [&](int64_t j) { return r.cls[j] == kPositive && ms_keep_positive(q, r.s[j], max_neg); };
+  auto neg = [&](int64_t j) { return r.cls[j] == kNegative && ms_keep_negative(q, r.s[j], min_pos); };
+  const Acc lse_pos = row_lse<Acc>(r.m, [&](int64_t j) { return -q.alpha * (r.s[j] - q.base); }, pos, true);
+  const Acc lse_neg = row_lse<Acc>(r.m, [&](int64_t j) { return q.beta * (r.s[j] - q.base); }, neg, true);
+  for (int64_t j = 0; j < r.m; ++j) {
+    out.counts[0] += pos(j) ? 1 : 0;
+    out.counts[1] += neg(j) ? 1 : 0;
+  }
+  out.terms[0] = lse_pos / q.alpha + lse_neg / q.beta;
+  out.stats[0] = lse_pos;
+  out.stats[1] = lse_neg;
+  out.stats[2] = min_pos;
+  out.stats[3] = max_neg;
+  return out;
+}
+
+template <class Acc>
+void multi_similarity_backward(const Row<Acc>& r, const Acc* stats, Acc g, const MsParams<Acc>& q, Acc* w) {
+  for (int64_t j = 0; j < r.m; ++j) {
+    const Acc s = r.s[j];
+    if (r.cls[j] == kPositive && ms_keep_positive(q, s, stats[3])) {
+      w[j] = -g * std::exp(-q.alpha * (s - q.base) - stats[0]);
+    } else if (r.cls[j] == kNegative && ms_keep_negative(q, s, stats[2])) {
+      w[j] = g * std::exp(q.beta * (s - q.base) - stats[1]);
+    } else {
+      w[j] = 0;
+    }
+  }
+}
+
+// ---- Circle (PML CircleLoss): softplus(LSE_pos + LSE_neg) with detached relu weights --------------
+
+template <class Acc>
+struct CircleParams {
+  Acc gamma, op, on, delta_p, delta_n;
+  explicit CircleParams(Acc m, Acc g) : gamma(g), op(1 + m), on(-m), delta_p(1 - m), delta_n(m) {}
+  Acc pos_logit(Acc s) const { return -gamma * std::max(op - s, Acc(0)) * (s - delta_p); }
+  Acc neg_logit(Acc s) const { return gamma * std::max(s - on, Acc(0)) * (s - delta_n); }
+};
+
+template <class Acc>
+RowResult<Acc> circle_forward(const Row<Acc>& r, const CircleParams<Acc>& q) {
+  RowResult<Acc> out;
+  for (int64_t j = 0; j < r.m; ++j) {
+    out.counts[0] += r.cls[j] == kPositive ? 1 : 0;
+    out.counts[1] += r.cls[j] == kNegative ? 1 : 0;
+  }
+  if (out.counts[0] == 0 || out.counts[1] == 0) return out;  // PML zeroes such rows
+  const Acc lse_pos = row_lse<Acc>(r.m, [&](int64_t j) { return q.pos_logit(r.s[j]); },
+                                   [&](int64_t j) { return r.cls[j] == kPositive; }, false);
+  const Acc lse_neg = row_lse<Acc>(r.m, [&](int64_t j) { return q.neg_logit(r.s[j]); },
+                                   [&](int64_t j) { return r.cls[j] == kNegative; }, false);
+  out.terms[0] = softplus_acc(lse_pos + lse_neg);
+  out.stats[0] = lse_pos;
+  out.stats[1] = lse_neg;
+  out.stats[2] = 1;  // live row
+  return out;
+}
+
+template <class Acc>
+void circle_backward(const Row<Acc>& r, const Acc* stats, Acc g, const CircleParams<Acc>& q, Acc* w) {
+  const bool live = stats[2] != 0;
+  const Acc outer = live ? g * sigmoid_acc(stats[0] + stats[1]) : Acc(0);
+  for (int64_t j = 0; j < r.m; ++j) {
+    const Acc s = r.s[j];
+    if (!live || r.cls[j] == kExcluded) w[j] = 0;
+    else if (r.cls[j] == kPositive) w[j] = outer * std::exp(q.pos_logit(s) - stats[0]) * (-q.gamma * std::max(q.op - s, Acc(0)));
+    else w[j] = outer * std::exp(q.neg_logit(s) - stats[1]) * (q.gamma * std::max(s - q.on, Acc(0)));
+  }
+}
+
+// ---- Contrastive (PML ContrastiveLoss): hinge per positive and per negative pair ------------------
+// terms[0], counts[0]: positive pairs (sum, number > 0); terms[1], counts[1]: negative pairs.
+
+template <class Acc>
+inline Acc contrastive_pos(bool cosine, Acc pos_margin, Acc s, Acc d) {
+  return std::max(cosine ? pos_margin - s : d - pos_margin, Acc(0));
+}
+template <class Acc>
+inline Acc contrastive_neg(bool cosine, Acc neg_margin, Acc s, Acc d) {
+  return std::max(cosine ? s - neg_margin : neg_margin - d, Acc(0));
+}
+
+template <class Acc>
+RowResult<Acc> contrastive_forward(const Row<Acc>& r, Acc pos_margin, Acc neg_margin, bool cosine) {
+  RowResult<Acc> out;
+  for (int64_t j = 0; j < r.m; ++j) {
+    const Acc d = cosine ? Acc(0) : r.dist[j];
+    if (r.cls[j] == kPositive) {
+      const Acc loss = contrastive_pos(cosine, pos_margin, r.s[j], d);
+      out.terms[0] += loss;
+      out.counts[0] += loss > 0 ? 1 : 0;
+    } else if (r.cls[j] == kNegative) {
+      const Acc loss = contrastive_neg(cosine, neg_margin, r.s[j], d);
+      out.terms[1] += loss;
+      out.counts[1] += loss > 0 ? 1 : 0;
+    }
+  }
+  return out;
+}
+
+template <class Acc>
+void contrastive_backward(const Row<Acc>& r, const Acc* grad, Acc pos_margin, Acc neg_margin, bool cosine, Acc* w) {
+  for (int64_t j = 0; j < r.m; ++j) {
+    w[j] = 0;
+    const Acc d = cosine ? Acc(0) : r.dist[j];
+    if (r.cls[j] == kPositive && contrastive_pos(cosine, pos_margin, r.s[j], d) > 0) {
+      w[j] = grad[0] * (cosine ? Acc(-1) : distance_slope(d));
+    } else if (r.cls[j] == kNegative && contrastive_neg(cosine, neg_margin, r.s[j], d) > 0) {
+      w[j] = grad[1] * (cosine ? Acc(1) : -distance_slope(d));
+    }
+  }
+}
+
+// ---- Triplet (PML TripletMarginLoss with all triplets, BatchHardMiner or TripletMarginMiner
+// "semihard"): relu((d_ap - d_an) + margin) per triplet, on euclidean distances. terms[0] is the
+// sum over the anchor's triplets and counts[0] the number of nonzero ones. The sums over all
+// (positive, negative) pairs of an anchor come from the sorted distances, O(m log m) per row.
+
+template <class Acc>
+struct TripletParams {
+  Acc margin, mining_margin;
+  TripletMining mining;
+  Acc violation(Acc d_ap, Acc d_an) const { return (d_ap - d_an) + margin; }
+  // Semi-hard: 0 < d_an - d_ap <= mining_margin (PML's triplet_margin = an - ap).
+  bool semi_hard(Acc d_ap, Acc d_an) const {
+    const Acc gap = d_an - d_ap;
+    return gap > 0 && gap <= mining_margin;
+  }
+};
+
+// Scratch of one row: the distances of its positives and negatives, sorted, and prefix sums.
+template <class Acc>
+struct TripletScratch {
+  std::vector<Acc> pos, neg, neg_prefix;
+  void sort_row(const Row<Acc>& r) {
+    pos.clear();
+    neg.clear();
+    for (int64_t j = 0; j < r.m; ++j) {
+      if (r.cls[j] == kPositive) pos.push_back(r.dist[j]);
+      if (r.cls[j] == kNegative) neg.push_back(r.dist[j]);
+    }
+    std::sort(pos.begin(), pos.end());
+    std::sort(neg.begin(), neg.end());
+    neg_prefix.assign(neg.size() + 1, Acc(0));
+    for (size_t k = 0; k < neg.size(); ++k) neg_prefix[k + 1] = neg_prefix[k] + neg[k];
+  }
+  // The negatives (indices into the sorted `neg`) that form a counted triplet with a positive at d_ap.
+  void negative_range(const TripletParams<Acc>& q, Acc d_ap, size_t& lo, size_t& hi) const {
+    auto first_false = [&](auto pred) {
+      return static_cast<size_t>(std::partition_point(neg.begin(), neg.end(), pred) - neg.begin());
+    };
+    hi = first_false([&](Acc d_an) { return q.violation(d_ap, d_an) > 0; });
+    lo = 0;
+    if (q.mining == TripletMining::SemiHard) {
+      lo = first_false([&](Acc d_an) { return !(d_an - d_ap > 0); });
+      hi = std::min(hi, first_false([&](Acc d_an) { return d_an - d_ap <= q.mining_margin; }));
+    }
+    if (hi < lo) hi = lo;
+  }
+  // How many positives form a counted triplet with a negative at d_an.
+  size_t positive_count(const TripletParams<Acc>& q, Acc d_an) const {
+    auto first_false = [&](auto pred) {
+      return static_cast<size_t>(std::partition_point(pos.begin(), pos.end(), pred) - pos.begin());
+    };
+    const size_t from = first_false([&](Acc d_ap) { return !(q.violation(d_ap, d_an) > 0); });
+    size_t lo = from, hi = pos.size();
+    if (q.mining == TripletMining::SemiHard) {
+      hi = first_false([&](Acc d_ap) { return d_an - d_ap > 0; });
+      lo = std::max(lo, first_false([&](Acc d_ap) { return d_an - d_ap > q.mining_margin; }));
+    }
+    return hi > lo ? hi - lo : 0;
+  }
+};
+
+// Batch hard: the farthest positive and the nearest negative (first in column order on ties).
+template <class Acc>
+inline void batch_hard_pair(const Row<Acc>& r, int64_t& hard_pos, int64_t& hard_neg) {
+  hard_pos = hard_neg = -1;
+  for (int64_t j = 0; j < r.m; ++j) {
+    if (r.cls[j] == kPositive && (hard_pos < 0 || r.dist[j] > r.dist[hard_pos])) hard_pos = j;
+    if (r.cls[j] == kNegative && (hard_neg < 0 || r.dist[j] < r.dist[hard_neg])) hard_neg = j;
+  }
+}
+
+template <class Acc>
+RowResult<Acc> triplet_forward(const Row<Acc>& r, const TripletParams<Acc>& q, TripletScratch<Acc>& scratch) {
+  RowResult<Acc> out;
+  if (q.mining == TripletMining::BatchHard) {
+    int64_t hp, hn;
+    batch_hard_pair(r, hp, hn);
+    if (hp < 0 || hn < 0) return out;
+    const Acc v = q.violation(r.dist[hp], r.dist[hn]);
+    out.terms[0] = std::max(v, Acc(0));
+    out.counts[0] = v > 0 ? 1 : 0;
+    return out;
+  }
+  scratch.sort_row(r);
+  for (const Acc d_ap : scratch.pos) {
+    size_t lo, hi;
+    scratch.negative_range(q, d_ap, lo, hi);
+    const Acc k = static_cast<Acc>(hi - lo);
+    out.terms[0] += k * (d_ap + q.margin) - (scratch.neg_prefix[hi] - scratch.neg_prefix[lo]);
+    out.counts[0] += k;
+  }
+  return out;
+}
+
+template <class Acc>
+void triplet_backward(const Row<Acc>& r, Acc g, const TripletParams<Acc>& q, TripletScratch<Acc>& scratch, Acc* w) {
+  std::fill(w, w + r.m, Acc(0));
+  if (q.mining == TripletMining::BatchHard) {
+    int64_t hp, hn;
+    batch_hard_pair(r, hp, hn);
+    if (hp < 0 || hn < 0 || !(q.violation(r.dist[hp], r.dist[hn]) > 0)) return;
+    w[hp] += g * distance_slope(r.dist[hp]);
+    w[hn] -= g * distance_slope(r.dist[hn]);
+    return;
+  }
+  scratch.sort_row(r);
+  for (int64_t j = 0; j < r.m; ++j) {
+    if (r.cls[j] == kPositive) {
+      size_t lo, hi;
+      scratch.negative_range(q, r.dist[j], lo, hi);
+      w[j] = g * static_cast<Acc>(hi - lo) * distance_slope(r.dist[j]);
+    } else if (r.cls[j] == kNegative) {
+      w[j] = -g * static_cast<Acc>(scratch.positive_count(q, r.dist[j])) * distance_slope(r.dist[j]);
+    }
+  }
+}
+
+// ---- AUC (Mann-Whitney): mean over the row's negatives of softplus((s_n - s_target) / t) ---------
+
+template <class Acc>
+RowResult<Acc> auc_forward(const Row<Acc>& r, Acc inv_t) {
+  RowResult<Acc> out;
+  const Acc s_t = r.s[r.target];
+  Acc sum = 0, negatives = 0;
+  for (int64_t j = 0; j < r.m; ++j) {
+    if (j == r.target || r.cls[j] == kExcluded) continue;
+    sum += softplus_acc((r.s[j] - s_t) * inv_t);
+    negatives += 1;
+  }
+  out.terms[0] = negatives > 0 ? sum / negatives : Acc(0);
+  out.counts[0] = 1;
+  out.stats[0] = negatives;
+  return out;
+}
+
+template <class Acc>
+void auc_backward(const Row<Acc>& r, const Acc* stats, Acc g, Acc inv_t, Acc* w) {
+  const Acc negatives = stats[0];
+  const Acc s_t = r.s[r.target];
+  Acc total = 0;
+  for (int64_t j = 0; j < r.m; ++j) {
+    w[j] = 0;
+    if (j == r.target || r.cls[j] == kExcluded || negatives == 0) continue;
+    w[j] = g * sigmoid_acc((r.s[j] - s_t) * inv_t) * inv_t / negatives;
+    total += w[j];
+  }
+  w[r.target] = -total;
+}
+
+// ---- Decoupled softmax (DEXML): each positive against the negatives only, 1/|P| per row ----------
+
+template <class Acc>
+RowResult<Acc> decoupled_forward(const Row<Acc>& r, Acc inv_t) {
+  RowResult<Acc> out;
+  const Acc z = row_lse<Acc>(r.m, [&](int64_t j) { return r.s[j] * inv_t; },
+                             [&](int64_t j) { return r.cls[j] == kNegative; }, false);
+  Acc positives = 0, sum = 0, weight = 0;
+  for (int64_t j = 0; j < r.m; ++j) {
+    if (r.cls[j] == kNegative) out.counts[1] += 1;
+    if (r.cls[j] != kPositive) continue;
+    positives += 1;
+    if (z == kNegInf<Acc>) continue;
+    sum += softplus_acc(z - r.s[j] * inv_t);
+    weight += sigmoid_acc(z - r.s[j] * inv_t);
+  }
+  out.counts[0] = positives;
+  out.terms[0] = positives > 0 ? sum / positives : Acc(0);
+  out.stats[0] = z;
+  out.stats[1] = positives > 0 ? weight / positives : Acc(0);
+  out.stats[2] = positives;
+  return out;
+}
+
+template <class Acc>
+void decoupled_backward(const Row<Acc>& r, const Acc* stats, Acc g, Acc inv_t, Acc* w) {
+  const Acc z = stats[0], weight = stats[1], positives = stats[2];
+  for (int64_t j = 0; j < r.m; ++j) {
+    const Acc l = r.s[j] * inv_t;
+    if (positives == 0 || z == kNegInf<Acc> || r.cls[j] == kExcluded) w[j] = 0;
+    else if (r.cls[j] == kPositive) w[j] = -g * sigmoid_acc(z - l) * inv_t / positives;
+    else w[j] = g * weight * std::exp(l - z) * inv_t;
+  }
+}
+
+}  // namespace fl::metric

@@ -1,0 +1,338 @@
+"""The functional API of the metric family: argument checks, normalization (in torch, so autograd
+differentiates it), the fused op, and the reduction each peer loss applies (pytorch-metric-learning
+semantics, named per function)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import _validate as V
+from . import _distributed
+from . import _ops
+
+_NONE = None
+
+
+def _embeddings(fn: str, name: str, t) -> torch.Tensor:
+    V.tensor(fn, name, t)
+    V.dtype_in(fn, name, t, V.FLOAT_DTYPES)
+    if t.dim() != 2:
+        raise ValueError(f"fastloss.{fn}: argument '{name}' must be (batch, dim), got shape {tuple(t.shape)}")
+    if t.shape[1] == 0:
+        raise ValueError(f"fastloss.{fn}: argument '{name}' must have dim >= 1")
+    return t
+
+
+def _labels(fn: str, name: str, labels, length: int, device) -> torch.Tensor:
+    V.tensor(fn, name, labels)
+    if labels.dim() != 1 or labels.shape[0] != length:
+        raise ValueError(f"fastloss.{fn}: argument '{name}' must be a 1-D tensor of length {length}, got shape "
+                         f"{tuple(labels.shape)}")  # fmt: skip
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"fastloss.{fn}: argument '{name}' must hold integer class labels, got {labels.dtype}")
+    if labels.device != device:
+        raise ValueError(f"fastloss.{fn}: argument '{name}' is on {labels.device}, the embeddings on {device}")
+    return labels.to(torch.int64)
+
+
+def _positive(fn: str, name: str, value) -> float:
+    return V.real_number(fn, name, value, positive=True)
+
+
+class _Pairs:
+    """Rows (queries) against columns (references) with class labels: the reference set is the
+    batch itself unless ref_emb is given, and with a process group the columns are every rank's."""
+
+    def __init__(self, fn, embeddings, labels, ref_emb, ref_labels, process_group, normalize=True):
+        _embeddings(fn, "embeddings", embeddings)
+        self.labels = _labels(fn, "labels", labels, embeddings.shape[0], embeddings.device)
+        if ref_emb is None:
+            if ref_labels is not None:
+                raise ValueError(f"fastloss.{fn}: 'ref_labels' needs 'ref_emb'")
+        else:
+            _embeddings(fn, "ref_emb", ref_emb)
+            V.same_device(fn, embeddings=embeddings, ref_emb=ref_emb)
+            if ref_emb.shape[1] != embeddings.shape[1] or ref_emb.dtype != embeddings.dtype:
+                raise ValueError(f"fastloss.{fn}: 'ref_emb' {tuple(ref_emb.shape)} {ref_emb.dtype} does not match the "
+                                 f"embeddings {tuple(embeddings.shape)} {embeddings.dtype}")  # fmt: skip
+            if ref_labels is None:
+                raise ValueError(f"fastloss.{fn}: 'ref_emb' needs 'ref_labels'")
+            ref_labels = _labels(fn, "ref_labels", ref_labels, ref_emb.shape[0], ref_emb.device)
+        x = F.normalize(embeddings, dim=1) if normalize else embeddings
+        if ref_emb is None:
+            y, y_labels, self_offset = x, self.labels, 0
+        else:
+            y = F.normalize(ref_emb, dim=1) if normalize else ref_emb
+            y_labels, self_offset = ref_labels, -1
+        self.group = _distributed.Group(fn, process_group)
+        if self.group.active:
+            offset = self.group.rank_offset(x.shape[0]) if ref_emb is None else 0
+            y = self.group.gather_with_grad(y)
+            y_labels = self.group.gather(y_labels)
+            self_offset = offset if ref_emb is None else -1
+        self.x, self.y, self.y_labels, self.self_offset = x, y, y_labels, self_offset
+
+    def run(self, kind: str, scale: float, p1=0.0, p2=0.0, p3=0.0, option=0):
+        scale_t = torch.tensor(scale, dtype=torch.float64)
+        return _ops.forward(self.x, self.y, self.labels, self.y_labels, None, None, None, scale_t, self.self_offset,
+                            _ops.KINDS[kind], float(p1), float(p2), float(p3), int(option), False)  # fmt: skip
+
+    def pair_counts(self) -> tuple[int, int]:
+        """The numbers of positive and negative pairs (over every rank with a process group)."""
+        labels, ref = self.labels, self.y_labels
+        classes = torch.cat([labels, ref]).unique(return_inverse=True)[1]
+        rows, cols = classes[: labels.shape[0]], classes[labels.shape[0]:]
+        size = int(classes.max()) + 1 if classes.numel() else 1
+        same = int((torch.bincount(rows, minlength=size) * torch.bincount(cols, minlength=size)).sum())
+        if self.self_offset >= 0:
+            same -= labels.shape[0]
+        total = labels.shape[0] * ref.shape[0] - (labels.shape[0] if self.self_offset >= 0 else 0)
+        return self.group.sum_int(same), self.group.sum_int(total - same)
+
+    def zero(self, terms: torch.Tensor) -> torch.Tensor:
+        return (terms.sum() * 0).to(self.x.dtype)
+
+    def mean_of_nonzero(self, values: torch.Tensor) -> torch.Tensor:
+        """PML's AvgNonZeroReducer over values (rows): the mean over those > 0, 0 when none."""
+        mask = (values > 0).to(values.dtype)
+        count = self.group.sum_float(mask.sum())
+        return (values * mask).sum() / count if count > 0 else self.zero(values)
+
+    def ratio(self, total: torch.Tensor, count) -> torch.Tensor:
+        count = self.group.sum_float(count)
+        return total / count if count > 0 else self.zero(total)
+
+
+def nt_xent(embeddings, labels, *, temperature: float = 0.07, ref_emb=None, ref_labels=None, process_group=None):
+    """NT-Xent / InfoNCE on labels, as pytorch-metric-learning's ``NTXentLoss(temperature)``: cosine
+    similarities over the temperature; each positive pair (a, p) contributes
+    ``-log(e^{s_ap} / (e^{s_ap} + sum_{n in N_a} e^{s_an}))`` (other positives of the anchor are not in
+    the denominator), averaged over all positive pairs (PML's MeanReducer). The self pair is
+    excluded unless ``ref_emb`` is given; no positive or no negative pair in the batch gives 0.
+    Memory O(B d), where PML's needs O(|P| |N|)."""
+    fn = "nt_xent"
+    t = _positive(fn, "temperature", temperature)
+    pairs = _Pairs(fn, embeddings, labels, ref_emb, ref_labels, process_group)
+    terms, counts, *_ = pairs.run("nt_xent", t)
+    positives, negatives = pairs.pair_counts()
+    if positives == 0 or negatives == 0 or (positives <= 1 and negatives <= 1):
+        return pairs.zero(terms)
+    return (terms[:, 0].sum() / positives).to(embeddings.dtype)
+
+
+def supcon(embeddings, labels, *, temperature: float = 0.1, ref_emb=None, ref_labels=None, process_group=None):
+    """Supervised contrastive loss, as pytorch-metric-learning's ``SupConLoss(temperature)``: per
+    anchor ``-(1/|P_i|) sum_p log(e^{s_ip} / sum_{a != i} e^{s_ia})`` on cosine similarities over the
+    temperature; anchors without positives contribute 0 (not NaN), and the mean is over the anchors
+    with a nonzero loss (PML's AvgNonZeroReducer)."""
+    fn = "supcon"
+    t = _positive(fn, "temperature", temperature)
+    pairs = _Pairs(fn, embeddings, labels, ref_emb, ref_labels, process_group)
+    terms, *_ = pairs.run("supcon", t)
+    positives, negatives = pairs.pair_counts()
+    if positives == 0 or negatives == 0 or (positives <= 1 and negatives <= 1):
+        return pairs.zero(terms)
+    return pairs.mean_of_nonzero(terms[:, 0]).to(embeddings.dtype)
+
+
+def multi_similarity(embeddings, labels, *, alpha: float = 2.0, beta: float = 50.0, base: float = 0.5,
+                     epsilon: float = 0.1, mining: bool = True, ref_emb=None, ref_labels=None,
+                     process_group=None):  # fmt: skip
+    """Multi-Similarity loss with its mining step fused. With ``mining=True`` it equals
+    pytorch-metric-learning's ``MultiSimilarityLoss(alpha, beta, base)(e, y, MultiSimilarityMiner(epsilon)(e, y))``:
+    a positive is kept when ``s_p - epsilon < max_n s_n`` and a negative when ``s_n + epsilon > min_p s_p``
+    (per anchor), then per anchor ``(1/alpha) log(1 + sum_P e^{-alpha (s - base)}) +
+    (1/beta) log(1 + sum_N e^{beta (s - base)})``, averaged over all anchors (MeanReducer). With
+    ``mining=False`` it equals ``MultiSimilarityLoss(alpha, beta, base)(e, y)`` (all pairs). Both
+    give 0, as PML does, when the batch has at most one positive and one negative pair."""
+    fn = "multi_similarity"
+    a, b = _positive(fn, "alpha", alpha), _positive(fn, "beta", beta)
+    base = V.real_number(fn, "base", base)
+    eps = V.real_number(fn, "epsilon", epsilon)
+    pairs = _Pairs(fn, embeddings, labels, ref_emb, ref_labels, process_group)
+    terms, counts, *_ = pairs.run("multi_similarity", a, b, base, eps, option=1 if mining else 0)
+    positives, negatives = pairs.pair_counts()
+    if mining and (positives == 0 or negatives == 0):  # the miner returns no pairs at all
+        return pairs.zero(terms)
+    kept_pos = pairs.group.sum_int(int(counts[:, 0].sum()))
+    kept_neg = pairs.group.sum_int(int(counts[:, 1].sum()))
+    if kept_pos <= 1 and kept_neg <= 1:
+        return pairs.zero(terms)
+    return pairs.ratio(terms[:, 0].sum(), terms.shape[0]).to(embeddings.dtype)
+
+
+def circle(embeddings, labels, *, m: float = 0.25, gamma: float = 256.0, ref_emb=None, ref_labels=None,
+           process_group=None):  # fmt: skip
+    """Circle loss, as pytorch-metric-learning's ``CircleLoss(m, gamma)``: per anchor
+    ``softplus(LSE_p(-gamma [1 + m - s_p]_+ (s_p - 1 + m)) + LSE_n(gamma [s_n + m]_+ (s_n - m)))``
+    with the relu weights detached, 0 for anchors without a positive or a negative, averaged over
+    the nonzero anchors (AvgNonZeroReducer). Log-sum-exps throughout, so gamma = 256 is safe."""
+    fn = "circle"
+    m_value = V.real_number(fn, "m", m)
+    g = _positive(fn, "gamma", gamma)
+    pairs = _Pairs(fn, embeddings, labels, ref_emb, ref_labels, process_group)
+    terms, *_ = pairs.run("circle", m_value, g)
+    positives, negatives = pairs.pair_counts()
+    if positives <= 1 and negatives <= 1:
+        return pairs.zero(terms)
+    return pairs.mean_of_nonzero(terms[:, 0]).to(embeddings.dtype)
+
+
+def contrastive(embeddings, labels, *, pos_margin: float = 0.0, neg_margin: float = 1.0,
+                distance: str = "euclidean", ref_emb=None, ref_labels=None, process_group=None):  # fmt: skip
+    """Contrastive loss, as pytorch-metric-learning's ``ContrastiveLoss(pos_margin, neg_margin)`` with
+    its default ``LpDistance`` on normalized embeddings (``distance="euclidean"``): ``[d_p - pos_margin]_+``
+    per positive pair and ``[neg_margin - d_n]_+`` per negative pair, or with ``distance="cosine"``
+    (PML's ``CosineSimilarity``) ``[pos_margin - s_p]_+`` and ``[s_n - neg_margin]_+``. Each part is
+    averaged over its nonzero pairs (AvgNonZeroReducer) and the two are added."""
+    fn = "contrastive"
+    if distance not in ("euclidean", "cosine"):
+        raise ValueError(f"fastloss.{fn}: argument 'distance' must be 'euclidean' or 'cosine', got {distance!r}")
+    pm, nm = V.real_number(fn, "pos_margin", pos_margin), V.real_number(fn, "neg_margin", neg_margin)
+    pairs = _Pairs(fn, embeddings, labels, ref_emb, ref_labels, process_group)
+    terms, counts, *_ = pairs.run("contrastive", pm, nm, option=1 if distance == "cosine" else 0)
+    positives, negatives = pairs.pair_counts()
+    if positives <= 1 and negatives <= 1:
+        return pairs.zero(terms)
+    pos = pairs.ratio(terms[:, 0].sum(), float(counts[:, 0].sum())) if positives > 0 else pairs.zero(terms)
+    neg = pairs.ratio(terms[:, 1].sum(), float(counts[:, 1].sum())) if negatives > 0 else pairs.zero(terms)
+    return (pos + neg).to(embeddings.dtype)
+
+
+TRIPLET_MINING = {"all": 0, "batch_hard": 1, "semi_hard": 2}
+
+
+def triplet(embeddings, labels, *, margin: float = 0.05, mining: str = "all", mining_margin: float | None = None,
+            ref_emb=None, ref_labels=None, process_group=None):  # fmt: skip
+    """Triplet margin loss on euclidean distances of normalized embeddings, as pytorch-metric-learning's
+    ``TripletMarginLoss(margin)``: ``[d_ap - d_an + margin]_+`` averaged over the nonzero triplets
+    (AvgNonZeroReducer), over
+
+    - ``mining="all"``: every (anchor, positive, negative), PML's default (no miner); computed from
+      sorted distances per anchor, without the O(B^3) triplet list;
+    - ``"batch_hard"``: the farthest positive and nearest negative of each anchor (``BatchHardMiner``);
+    - ``"semi_hard"``: the triplets with ``0 < d_an - d_ap <= mining_margin`` (``TripletMarginMiner(
+      margin=mining_margin, type_of_triplets="semihard")``; mining_margin defaults to margin)."""
+    fn = "triplet"
+    if mining not in TRIPLET_MINING:
+        raise ValueError(f"fastloss.{fn}: argument 'mining' must be one of {tuple(TRIPLET_MINING)}, got {mining!r}")
+    margin = V.real_number(fn, "margin", margin)
+    mm = margin if mining_margin is None else V.real_number(fn, "mining_margin", mining_margin)
+    pairs = _Pairs(fn, embeddings, labels, ref_emb, ref_labels, process_group)
+    terms, counts, *_ = pairs.run("triplet", margin, mm, option=TRIPLET_MINING[mining])
+    return pairs.ratio(terms[:, 0].sum(), float(counts[:, 0].sum())).to(embeddings.dtype)
+
+
+# ---- query / key losses ------------------------------------------------------------------------
+
+
+def _query_key(fn, query, key, normalize):
+    _embeddings(fn, "query", query)
+    _embeddings(fn, "key", key)
+    V.same_device(fn, query=query, key=key)
+    if query.shape[1] != key.shape[1] or query.dtype != key.dtype:
+        raise ValueError(f"fastloss.{fn}: query {tuple(query.shape)} {query.dtype} and key {tuple(key.shape)} "
+                         f"{key.dtype} must share dim and dtype")  # fmt: skip
+    if normalize:
+        return F.normalize(query, dim=1), F.normalize(key, dim=1)
+    return query, key
+
+
+def _targets(fn, labels, n, m, device):
+    if labels is None:
+        if n > m:
+            raise ValueError(f"fastloss.{fn}: with labels=None row i's positive is key i, so key needs at least "
+                             f"{n} rows, got {m}")  # fmt: skip
+        return None
+    targets = _labels(fn, "labels", labels, n, device)
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= m):
+        raise ValueError(f"fastloss.{fn}: 'labels' (the positive key of each query) must be in [0, {m}), got "
+                         f"[{int(targets.min())}, {int(targets.max())}]")  # fmt: skip
+    return targets
+
+
+def info_nce(query, key, *, temperature: float = 0.07, labels=None, symmetric: bool = False, logit_scale=None,
+             normalize: bool = True, reduction: str = "mean"):  # fmt: skip
+    """InfoNCE / CLIP loss without the B x B logits: ``cross_entropy(scale * q k^T, labels)`` with
+    ``scale = 1 / temperature`` or the learnable ``logit_scale`` tensor (the multiplier itself, e.g.
+    open_clip's ``logit_scale.exp()``; it gets its gradient). ``labels=None``: query i's positive is
+    key i. ``symmetric=True`` (CLIP) averages the row and the column cross entropies, both from the
+    same similarity rows; it needs a square batch with the diagonal as positives. q and k are
+    l2-normalized first unless ``normalize=False``. ``reduction``: "mean", "sum" or "none" (per row;
+    with symmetric, row and column losses averaged pairwise)."""
+    fn = "info_nce"
+    V.reduction(fn, reduction)
+    q, k = _query_key(fn, query, key, normalize)
+    n, m = q.shape[0], k.shape[0]
+    targets = _targets(fn, labels, n, m, q.device)
+    if symmetric and (labels is not None or n != m):
+        raise ValueError(f"fastloss.{fn}: symmetric=True needs a square batch (got {n} x {m}) with labels=None")
+    if logit_scale is None:
+        scale = torch.tensor(1.0 / _positive(fn, "temperature", temperature), dtype=torch.float64)
+    else:
+        V.tensor(fn, "logit_scale", logit_scale)
+        if logit_scale.numel() != 1:
+            raise ValueError(f"fastloss.{fn}: 'logit_scale' must hold one value, got shape {tuple(logit_scale.shape)}")
+        scale = logit_scale.reshape(())
+    terms, _, _, col_terms, _ = _ops.forward(q, k, None, None, targets, None, None, scale, -1, _ops.KINDS["info_nce"],
+                                             0.0, 0.0, 0.0, 0, bool(symmetric))  # fmt: skip
+    rows = terms[:, 0]
+    per_row = 0.5 * (rows + col_terms) if symmetric else rows
+    per_row = per_row.to(query.dtype)
+    if reduction == "none":
+        return per_row
+    return per_row.sum() if reduction == "sum" else per_row.mean()
+
+
+def auc_loss(query, key, *, labels=None, temperature: float = 1.0, normalize: bool = True):
+    """The Mann-Whitney (MW) loss of "Optimizing What Matters" (AUC-driven retrieval): for each query,
+    ``softplus((s_n - s_p) / temperature)`` averaged over its negatives n, with s the (cosine, unless
+    ``normalize=False``) similarities and p the query's positive key (key i by default, or
+    ``labels[i]``); then the mean over queries."""
+    fn = "auc_loss"
+    t = _positive(fn, "temperature", temperature)
+    q, k = _query_key(fn, query, key, normalize)
+    targets = _targets(fn, labels, q.shape[0], k.shape[0], q.device)
+    scale = torch.tensor(t, dtype=torch.float64)
+    terms, *_ = _ops.forward(q, k, None, None, targets, None, None, scale, -1, _ops.KINDS["auc"], 0.0, 0.0, 0.0, 0,
+                             False)  # fmt: skip
+    return terms[:, 0].mean().to(query.dtype)
+
+
+def _positive_lists(fn, positives, n, m, device):
+    """CSR (pos_ptr, pos_idx) from a (n, m) bool mask or a (n, P) int tensor padded with -1."""
+    V.tensor(fn, "positives", positives)
+    if positives.device != device:
+        raise ValueError(f"fastloss.{fn}: 'positives' is on {positives.device}, the embeddings on {device}")
+    if positives.dtype == torch.bool:
+        if tuple(positives.shape) != (n, m):
+            raise ValueError(f"fastloss.{fn}: a boolean 'positives' mask must be ({n}, {m}), got {tuple(positives.shape)}")
+        rows, cols = positives.nonzero(as_tuple=True)
+    else:
+        if positives.dim() != 2 or positives.shape[0] != n or positives.dtype.is_floating_point:
+            raise ValueError(f"fastloss.{fn}: 'positives' must be a ({n}, m) bool mask or a ({n}, P) integer tensor of "
+                             f"key indices padded with -1, got {positives.dtype} {tuple(positives.shape)}")  # fmt: skip
+        valid = positives >= 0
+        if bool((positives >= m).any()):
+            raise ValueError(f"fastloss.{fn}: 'positives' holds key indices >= {m}")
+        rows = valid.nonzero(as_tuple=True)[0]
+        cols = positives[valid].to(torch.int64)
+    ptr = torch.zeros(n + 1, dtype=torch.int64, device=device)
+    ptr[1:] = torch.bincount(rows, minlength=n).cumsum(0)
+    return ptr, cols.contiguous()
+
+
+def decoupled_softmax(query, keys, positives, *, temperature: float = 0.05, normalize: bool = True):
+    """Decoupled softmax of DEXML (Gupta et al., ICLR 2024): each positive (i, l) against the negatives
+    only, ``-log(e^{s_il} / (e^{s_il} + sum_{j not in P_i} e^{s_ij}))`` on similarities over the
+    temperature, weighted 1/|P_i| and averaged over queries (queries without positives give 0).
+    ``positives``: a (n, m) bool mask or a (n, P) integer tensor of key indices padded with -1."""
+    fn = "decoupled_softmax"
+    t = _positive(fn, "temperature", temperature)
+    q, k = _query_key(fn, query, keys, normalize)
+    ptr, idx = _positive_lists(fn, positives, q.shape[0], k.shape[0], q.device)
+    scale = torch.tensor(t, dtype=torch.float64)
+    terms, *_ = _ops.forward(q, k, None, None, None, ptr, idx, scale, -1, _ops.KINDS["decoupled_softmax"], 0.0, 0.0,
+                             0.0, 0, False)  # fmt: skip
+    return terms[:, 0].mean().to(query.dtype)

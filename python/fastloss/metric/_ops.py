@@ -1,0 +1,136 @@
+"""Ops of the metric family (``csrc/metric/``).
+
+``metric_forward``   per-row loss terms (n, 2), counts (n, 2) and statistics (n, 4) of one of the
+                     pair losses, and for symmetric InfoNCE the column terms (m) and statistics (m).
+``metric_backward``  dx, dy and d(scale) from the upstream gradients of the row and column terms.
+
+The row and column terms are differentiable (``register_autograd``); the reductions PML applies
+(mean, mean of the nonzero terms) are done in torch by ``fastloss.metric`` from terms and counts.
+Inputs are computed in float32 on the CPU when they are 16-bit, in float64 when float64.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _C
+from .. import _library as L
+
+KINDS = {"info_nce": 0, "nt_xent": 1, "supcon": 2, "multi_similarity": 3, "circle": 4, "contrastive": 5,
+         "triplet": 6, "auc": 7, "decoupled_softmax": 8}  # fmt: skip
+ROW_TERMS, ROW_STATS = 2, 4
+SCHEMA = ("(Tensor x, Tensor y, Tensor? labels_x, Tensor? labels_y, Tensor? targets, Tensor? pos_ptr, "
+          "Tensor? pos_idx, Tensor scale, int self_offset, int kind, float p1, float p2, float p3, int option, "
+          "bool symmetric)")  # fmt: skip
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None or t.numel() == 0 else t.data_ptr()
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _problem(x, y, labels_x, labels_y, targets, pos_ptr, pos_idx, scale, self_offset, kind, p1, p2, p3, option,
+             symmetric):  # fmt: skip
+    p0 = float(scale)
+    return _C.PairProblem(L.DTYPE_CODES[x.dtype], x.shape[0], y.shape[0], x.shape[1], x.data_ptr(), y.data_ptr(),
+                          _ptr(labels_x), _ptr(labels_y), _ptr(targets), _ptr(pos_ptr), _ptr(pos_idx), self_offset,
+                          kind, p0, p1, p2, p3, option, symmetric)  # fmt: skip
+
+
+def _contiguous(*tensors):
+    return [None if t is None else t.contiguous() for t in tensors]
+
+
+def _forward(x, y, labels_x, labels_y, targets, pos_ptr, pos_idx, scale, self_offset, kind, p1, p2, p3, option,
+             symmetric, *, device):  # fmt: skip
+    if device == "cuda":
+        raise NotImplementedError("fastloss.metric: the CUDA kernels of the metric family are not written yet; "
+                                  "call it on CPU tensors")  # fmt: skip
+    acc = _compute_dtype(x)
+    xc, yc = (t.to(acc).contiguous() for t in (x, y))
+    labels_x, labels_y, targets, pos_ptr, pos_idx = _contiguous(labels_x, labels_y, targets, pos_ptr, pos_idx)
+    problem = _problem(xc, yc, labels_x, labels_y, targets, pos_ptr, pos_idx, scale, self_offset, kind, p1, p2, p3,
+                       option, symmetric)  # fmt: skip
+    n, m = xc.shape[0], yc.shape[0]
+    terms = L.empty((n, ROW_TERMS), acc, xc.device)
+    counts = L.empty((n, ROW_TERMS), acc, xc.device)
+    stats = L.empty((n, ROW_STATS), acc, xc.device)
+    col_terms = L.empty((m if symmetric else 0,), acc, xc.device)
+    col_stats = L.empty((m if symmetric else 0,), acc, xc.device)
+    L.launch("metric_forward", device, terms, problem, _ptr(terms), _ptr(counts), _ptr(stats), _ptr(col_terms),
+             _ptr(col_stats))  # fmt: skip
+    return terms, counts, stats, col_terms, col_stats
+
+
+def _forward_fake(x, y, labels_x, labels_y, targets, pos_ptr, pos_idx, scale, self_offset, kind, p1, p2, p3, option,
+                  symmetric):  # fmt: skip
+    acc = _compute_dtype(x)
+    n, m = x.shape[0], y.shape[0]
+    return (x.new_empty((n, ROW_TERMS), dtype=acc), x.new_empty((n, ROW_TERMS), dtype=acc),
+            x.new_empty((n, ROW_STATS), dtype=acc), x.new_empty((m if symmetric else 0,), dtype=acc),
+            x.new_empty((m if symmetric else 0,), dtype=acc))  # fmt: skip
+
+
+def _backward(grad_row, grad_col, row_stats, col_stats, x, y, labels_x, labels_y, targets, pos_ptr, pos_idx, scale,
+              self_offset, kind, p1, p2, p3, option, symmetric, *, device):  # fmt: skip
+    if device == "cuda":
+        raise NotImplementedError("fastloss.metric: the CUDA kernels of the metric family are not written yet")
+    acc = _compute_dtype(x)
+    xc, yc = (t.to(acc).contiguous() for t in (x, y))
+    labels_x, labels_y, targets, pos_ptr, pos_idx = _contiguous(labels_x, labels_y, targets, pos_ptr, pos_idx)
+    problem = _problem(xc, yc, labels_x, labels_y, targets, pos_ptr, pos_idx, scale, self_offset, kind, p1, p2, p3,
+                       option, symmetric)  # fmt: skip
+    grad_x = L.empty(xc.shape, acc, xc.device)
+    grad_y = L.empty(yc.shape, acc, xc.device)
+    grad_scale = L.empty((), acc, xc.device)
+    grad_row = grad_row.to(acc).contiguous()
+    grad_col = grad_col.to(acc).contiguous()
+    L.launch("metric_backward", device, grad_x, problem, _ptr(row_stats.contiguous()), _ptr(col_stats.contiguous()),
+             _ptr(grad_row), _ptr(grad_col), _ptr(grad_x), _ptr(grad_y), grad_scale.data_ptr())  # fmt: skip
+    return grad_x.to(x.dtype), grad_y.to(y.dtype), grad_scale.to(scale.dtype)
+
+
+def _backward_fake(grad_row, grad_col, row_stats, col_stats, x, y, *rest):
+    scale = rest[5]
+    return torch.empty_like(x), torch.empty_like(y), torch.empty_like(scale)
+
+
+backward = L.define_op(
+    "metric_backward",
+    "(Tensor grad_row, Tensor grad_col, Tensor row_stats, Tensor col_stats, " + SCHEMA[1:]
+    + " -> (Tensor grad_x, Tensor grad_y, Tensor grad_scale)",
+    cpu=lambda *args: _backward(*args, device="cpu"),
+    cuda=lambda *args: _backward(*args, device="cuda"),
+    fake=_backward_fake,
+)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:8], output[2], output[4])
+    ctx.options = inputs[8:]
+    ctx.mark_non_differentiable(output[1], output[2], output[4])
+
+
+def _autograd_backward(ctx, grad_terms, grad_counts, grad_stats, grad_col_terms, grad_col_stats):
+    x, y, labels_x, labels_y, targets, pos_ptr, pos_idx, scale, row_stats, col_stats = ctx.saved_tensors
+    if grad_terms is None:
+        grad_terms = torch.zeros(row_stats.shape[0], ROW_TERMS, dtype=row_stats.dtype, device=row_stats.device)
+    if grad_col_terms is None:
+        grad_col_terms = torch.zeros(col_stats.shape, dtype=col_stats.dtype, device=col_stats.device)
+    grad_x, grad_y, grad_scale = backward(grad_terms, grad_col_terms, row_stats, col_stats, x, y, labels_x, labels_y,
+                                          targets, pos_ptr, pos_idx, scale, *ctx.options)  # fmt: skip
+    return (grad_x, grad_y, None, None, None, None, None, grad_scale) + (None,) * 7
+
+
+forward = L.define_op(
+    "metric_forward",
+    SCHEMA + " -> (Tensor row_terms, Tensor row_counts, Tensor row_stats, Tensor col_terms, Tensor col_stats)",
+    cpu=lambda *args: _forward(*args, device="cpu"),
+    cuda=lambda *args: _forward(*args, device="cuda"),
+    fake=_forward_fake,
+    backward=_autograd_backward,
+    setup_context=_setup_context,
+)
