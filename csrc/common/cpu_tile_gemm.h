@@ -26,10 +26,12 @@ FL_CPU_INLINE void tile_gemm(int64_t rows, int64_t cols, int64_t depth, const T*
   using V = typename Vec32<T>::type;
   constexpr int kW = Vec32<T>::kLanes;
   constexpr int kR = 4, kC = 2 * kW;
-  for (int64_t r0 = 0; r0 < rows; r0 += kR) {
-    const int nr = static_cast<int>(std::min<int64_t>(kR, rows - r0));
-    for (int64_t c0 = 0; c0 < cols; c0 += kC) {
-      const int nc = static_cast<int>(std::min<int64_t>(kC, cols - c0));
+  // Column panels outside, row groups inside: a panel of B (depth x 16) is loaded once into L1 and
+  // reused by every 4-row group of A (the other order streamed all of B once per row group).
+  for (int64_t c0 = 0; c0 < cols; c0 += kC) {
+    const int nc = static_cast<int>(std::min<int64_t>(kC, cols - c0));
+    for (int64_t r0 = 0; r0 < rows; r0 += kR) {
+      const int nr = static_cast<int>(std::min<int64_t>(kR, rows - r0));
       if (nr == kR && nc == kC) {
         V acc[kR][2];
         for (int i = 0; i < kR; ++i)

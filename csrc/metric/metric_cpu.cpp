@@ -15,6 +15,7 @@
 #include "common/cpu_multiversion.h"
 #include "common/cpu_tile_gemm.h"
 #include "common/error.h"
+#include "common/fast_exp.h"
 #include "common/parallel.h"
 #include "common/thread_pool.h"
 #include "metric/metric_kernels.h"
@@ -108,8 +109,9 @@ Row<Acc> make_row(const Inputs<Acc>& in, int64_t i, const Acc* s, Scratch<Acc>& 
   return row;
 }
 
+// Multiversioned: the loss functions inlined here (FL_CPU_INLINE) get AVX2 + FMA.
 template <class Acc>
-RowResult<Acc> forward_row(const PairProblem& p, const Row<Acc>& row, Scratch<Acc>& sc) {
+FL_CPU_MULTIVERSION RowResult<Acc> forward_row(const PairProblem& p, const Row<Acc>& row, Scratch<Acc>& sc) {
   const Acc p0 = static_cast<Acc>(p.p0), p1 = static_cast<Acc>(p.p1);
   switch (p.kind) {
     case LossKind::InfoNCE: return info_nce_forward(row, p0);
@@ -128,8 +130,8 @@ RowResult<Acc> forward_row(const PairProblem& p, const Row<Acc>& row, Scratch<Ac
 }
 
 template <class Acc>
-void backward_row(const PairProblem& p, const Row<Acc>& row, const Acc* stats, const Acc* grad, Scratch<Acc>& sc,
-                  Acc* w) {
+FL_CPU_MULTIVERSION void backward_row(const PairProblem& p, const Row<Acc>& row, const Acc* stats, const Acc* grad,
+                                      Scratch<Acc>& sc, Acc* w) {
   const Acc p0 = static_cast<Acc>(p.p0), p1 = static_cast<Acc>(p.p1);
   const Acc g = grad[0];
   switch (p.kind) {
@@ -155,12 +157,18 @@ template <class Acc>
 struct ColumnLse {
   std::vector<Acc> max, sum;
   explicit ColumnLse(int64_t m) : max(static_cast<size_t>(m), kNegInf<Acc>), sum(static_cast<size_t>(m), Acc(0)) {}
-  void add(int64_t j, Acc v) {
-    if (v <= max[j]) {
-      sum[j] += std::exp(v - max[j]);
-    } else {
-      sum[j] = sum[j] * std::exp(max[j] - v) + Acc(1);
-      max[j] = v;
+  // Adds one row's logits scale * s_j to every column (two exponentials a column, vectorized; an
+  // empty column's -inf maximum gives e^-inf = 0).
+  FL_CPU_INLINE void add_row(const Acc* s, Acc scale) {
+    Acc* mx = max.data();
+    Acc* sm = sum.data();
+    const int64_t m = static_cast<int64_t>(max.size());
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) {
+      const Acc v = scale * s[j];
+      const Acc top = v > mx[j] ? v : mx[j];
+      sm[j] = sm[j] * fast_exp(mx[j] - top) + fast_exp(v - top);
+      mx[j] = top;
     }
   }
   void merge(const ColumnLse& other) {
@@ -198,6 +206,30 @@ int run_row_pieces(int64_t n, Body&& body) {
 }
 
 template <class Acc>
+FL_CPU_MULTIVERSION void add_column_row(ColumnLse<Acc>& columns, const Acc* s, Acc scale) {
+  columns.add_row(s, scale);
+}
+
+// The symmetric loss's column part of row i of W: gc_j scale (softmax over the column - [i = j]),
+// and the row's share of dL/dscale = sum_j W_ij s_ij / scale (InfoNCE).
+template <class Acc>
+FL_CPU_MULTIVERSION void add_column_grads(const PairProblem& p, int64_t i, const Acc* s, const Acc* grad_col,
+                                          const Acc* col_stats, Acc scale, Acc* w, Acc& scale_sum) {
+  const int64_t m = p.m;
+  if (p.symmetric) {
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) w[j] += grad_col[j] * scale * fast_exp(scale * s[j] - col_stats[j]);
+    w[i] -= grad_col[i] * scale;
+  }
+  if (p.kind == LossKind::InfoNCE) {
+    Acc sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < m; ++j) sum += w[j] * s[j];
+    scale_sum += sum / scale;
+  }
+}
+
+template <class Acc>
 void forward_typed(const PairProblem& p, const ForwardOut& out) {
   const Inputs<Acc> in(p);
   Acc* terms = static_cast<Acc*>(out.row_terms);
@@ -219,8 +251,7 @@ void forward_typed(const PairProblem& p, const ForwardOut& out) {
         std::copy(res.terms, res.terms + kRowTerms, terms + (i0 + r) * kRowTerms);
         std::copy(res.counts, res.counts + kRowTerms, counts + (i0 + r) * kRowTerms);
         std::copy(res.stats, res.stats + kRowStats, stats + (i0 + r) * kRowStats);
-        if (columns)
-          for (int64_t j = 0; j < p.m; ++j) column_parts[piece].add(j, scale * s[j]);
+        if (columns) add_column_row(column_parts[piece], s, scale);
       }
     }
   });
@@ -270,15 +301,7 @@ void backward_typed(const PairProblem& p, const BackwardArgs& a) {
         const Acc* s = sc.s.data() + r * p.m;
         Acc* w = sc.w.data() + r * p.m;
         backward_row(p, make_row(in, i, s, sc), stats + i * kRowStats, grad_row + i * kRowTerms, sc, w);
-        if (p.symmetric) {  // the column losses' part: gc_j scale (softmax over the column - [i = j])
-          for (int64_t j = 0; j < p.m; ++j) w[j] += grad_col[j] * scale * std::exp(scale * s[j] - col_stats[j]);
-          w[i] -= grad_col[i] * scale;
-        }
-        if (p.kind == LossKind::InfoNCE) {  // dL/dscale = sum_ij W_ij s_ij / scale
-          Acc sum = 0;
-          for (int64_t j = 0; j < p.m; ++j) sum += w[j] * s[j];
-          scale_parts[piece] += sum / scale;
-        }
+        add_column_grads(p, i, s, grad_col, col_stats, scale, w, scale_parts[piece]);
       }
       gradient_products(in, i0, rows, sc, grad_x, grad_y_part.data());
     }

@@ -11,6 +11,8 @@
 #include <limits>
 #include <vector>
 
+#include "common/cpu_multiversion.h"
+#include "common/fast_exp.h"
 #include "metric/metric_kernels.h"
 
 namespace fl::metric {
@@ -46,16 +48,23 @@ inline Acc sigmoid_acc(Acc x) {
 }
 
 // log(sum_j exp(v_j)) over the j where keep(j) holds, with an optional extra term e^0 (PML's
-// add_one); -inf for an empty set without the extra term.
+// add_one); -inf for an empty set without the extra term. Both loops are selects over the whole
+// row, so they vectorize (fast_exp: common/fast_exp.h) inside the AVX2 clones of the callers.
 template <class Acc, class Value, class Keep>
-inline Acc row_lse(int64_t m, Value value, Keep keep, bool add_one) {
+FL_CPU_INLINE Acc row_lse(int64_t m, Value value, Keep keep, bool add_one) {
   Acc mx = add_one ? Acc(0) : kNegInf<Acc>;
-  for (int64_t j = 0; j < m; ++j)
-    if (keep(j)) mx = std::max(mx, value(j));
+#pragma omp simd reduction(max : mx)
+  for (int64_t j = 0; j < m; ++j) {
+    const Acc v = value(j);
+    mx = keep(j) && v > mx ? v : mx;
+  }
   if (mx == kNegInf<Acc>) return mx;
-  Acc sum = add_one ? std::exp(-mx) : Acc(0);
-  for (int64_t j = 0; j < m; ++j)
-    if (keep(j)) sum += std::exp(value(j) - mx);
+  Acc sum = add_one ? fast_exp(-mx) : Acc(0);
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < m; ++j) {
+    const Acc e = fast_exp(value(j) - mx);
+    sum += keep(j) ? e : Acc(0);
+  }
   return mx + std::log(sum);
 }
 
@@ -75,7 +84,7 @@ inline Acc distance_slope(Acc d) {
 // ---- InfoNCE / CLIP: -log softmax_j(scale s)[target] ----------------------------------------------
 
 template <class Acc>
-RowResult<Acc> info_nce_forward(const Row<Acc>& r, Acc scale) {
+FL_CPU_INLINE RowResult<Acc> info_nce_forward(const Row<Acc>& r, Acc scale) {
   RowResult<Acc> out;
   const Acc lse = row_lse<Acc>(r.m, [&](int64_t j) { return scale * r.s[j]; }, [&](int64_t) { return true; }, false);
   out.terms[0] = lse - scale * r.s[r.target];
@@ -87,15 +96,17 @@ RowResult<Acc> info_nce_forward(const Row<Acc>& r, Acc scale) {
 // W_j = g (softmax_j - [j = target]) * scale (the column part of the symmetric loss is added by
 // the caller).
 template <class Acc>
-void info_nce_backward(const Row<Acc>& r, const Acc* stats, Acc g, Acc scale, Acc* w) {
-  for (int64_t j = 0; j < r.m; ++j) w[j] = g * scale * std::exp(scale * r.s[j] - stats[0]);
-  w[r.target] -= g * scale;
+FL_CPU_INLINE void info_nce_backward(const Row<Acc>& r, const Acc* stats, Acc g, Acc scale, Acc* w) {
+  const Acc lse = stats[0], coef = g * scale;
+#pragma omp simd
+  for (int64_t j = 0; j < r.m; ++j) w[j] = coef * fast_exp(scale * r.s[j] - lse);
+  w[r.target] -= coef;
 }
 
 // ---- NT-Xent (PML NTXentLoss): per positive pair, -log(e^{l_p} / (e^{l_p} + sum_neg e^{l_n})) -----
 
 template <class Acc>
-RowResult<Acc> nt_xent_forward(const Row<Acc>& r, Acc inv_t) {
+FL_CPU_INLINE RowResult<Acc> nt_xent_forward(const Row<Acc>& r, Acc inv_t) {
   RowResult<Acc> out;
   const Acc ln = row_lse<Acc>(r.m, [&](int64_t j) { return r.s[j] * inv_t; },
                               [&](int64_t j) { return r.cls[j] == kNegative; }, false);
@@ -117,20 +128,26 @@ RowResult<Acc> nt_xent_forward(const Row<Acc>& r, Acc inv_t) {
 }
 
 template <class Acc>
-void nt_xent_backward(const Row<Acc>& r, const Acc* stats, Acc g, Acc inv_t, Acc* w) {
+FL_CPU_INLINE void nt_xent_backward(const Row<Acc>& r, const Acc* stats, Acc g, Acc inv_t, Acc* w) {
   const Acc ln = stats[0], weight = stats[1];
+  if (ln == kNegInf<Acc>) {  // no negative: every pair's loss is 0
+    std::fill(w, w + r.m, Acc(0));
+    return;
+  }
+#pragma omp simd
   for (int64_t j = 0; j < r.m; ++j) {
     const Acc l = r.s[j] * inv_t;
-    if (ln == kNegInf<Acc> || r.cls[j] == kExcluded) w[j] = 0;
-    else if (r.cls[j] == kPositive) w[j] = -g * sigmoid_acc(ln - l) * inv_t;
-    else w[j] = g * weight * std::exp(l - ln) * inv_t;
+    const Acc e = fast_exp(l - ln);  // sigmoid(ln - l) = 1 / (1 + e)
+    const Acc pos = -g * inv_t / (Acc(1) + e);
+    const Acc neg = g * weight * e * inv_t;
+    w[j] = r.cls[j] == kPositive ? pos : (r.cls[j] == kNegative ? neg : Acc(0));
   }
 }
 
 // ---- SupCon (PML SupConLoss): LSE over every non-self pair minus the mean positive logit ----------
 
 template <class Acc>
-RowResult<Acc> supcon_forward(const Row<Acc>& r, Acc inv_t) {
+FL_CPU_INLINE RowResult<Acc> supcon_forward(const Row<Acc>& r, Acc inv_t) {
   RowResult<Acc> out;
   const Acc lse = row_lse<Acc>(r.m, [&](int64_t j) { return r.s[j] * inv_t; },
                                [&](int64_t j) { return r.cls[j] != kExcluded; }, false);
@@ -152,15 +169,18 @@ RowResult<Acc> supcon_forward(const Row<Acc>& r, Acc inv_t) {
 }
 
 template <class Acc>
-void supcon_backward(const Row<Acc>& r, const Acc* stats, Acc g, Acc inv_t, Acc* w) {
+FL_CPU_INLINE void supcon_backward(const Row<Acc>& r, const Acc* stats, Acc g, Acc inv_t, Acc* w) {
   const Acc lse = stats[0], positives = stats[1];
+  if (positives == 0) {
+    std::fill(w, w + r.m, Acc(0));
+    return;
+  }
+  const Acc inv_pos = Acc(1) / positives;
+#pragma omp simd
   for (int64_t j = 0; j < r.m; ++j) {
-    if (positives == 0 || r.cls[j] == kExcluded) {
-      w[j] = 0;
-      continue;
-    }
-    const Acc softmax = std::exp(r.s[j] * inv_t - lse);
-    w[j] = g * (softmax - (r.cls[j] == kPositive ? Acc(1) / positives : Acc(0))) * inv_t;
+    const Acc softmax = fast_exp(r.s[j] * inv_t - lse);
+    const Acc value = g * (softmax - (r.cls[j] == kPositive ? inv_pos : Acc(0))) * inv_t;
+    w[j] = r.cls[j] == kExcluded ? Acc(0) : value;
   }
 }
 
@@ -194,7 +214,7 @@ inline bool ms_keep_negative(const MsParams<Acc>& q, Acc s, Acc min_pos) {
 }
 
 template <class Acc>
-RowResult<Acc> multi_similarity_forward(const Row<Acc>& r, const MsParams<Acc>& q) {
+FL_CPU_INLINE RowResult<Acc> multi_similarity_forward(const Row<Acc>& r, const MsParams<Acc>& q) {
   RowResult<Acc> out;
   Acc min_pos, max_neg;
   ms_thresholds(r, min_pos, max_neg);
@@ -215,16 +235,18 @@ RowResult<Acc> multi_similarity_forward(const Row<Acc>& r, const MsParams<Acc>& 
 }
 
 template <class Acc>
-void multi_similarity_backward(const Row<Acc>& r, const Acc* stats, Acc g, const MsParams<Acc>& q, Acc* w) {
+FL_CPU_INLINE void multi_similarity_backward(const Row<Acc>& r, const Acc* stats, Acc g, const MsParams<Acc>& q,
+                                             Acc* w) {
+  const Acc lse_pos = stats[0], lse_neg = stats[1], min_pos = stats[2], max_neg = stats[3];
+  const MsParams<Acc> local = q;
+#pragma omp simd
   for (int64_t j = 0; j < r.m; ++j) {
     const Acc s = r.s[j];
-    if (r.cls[j] == kPositive && ms_keep_positive(q, s, stats[3])) {
-      w[j] = -g * std::exp(-q.alpha * (s - q.base) - stats[0]);
-    } else if (r.cls[j] == kNegative && ms_keep_negative(q, s, stats[2])) {
-      w[j] = g * std::exp(q.beta * (s - q.base) - stats[1]);
-    } else {
-      w[j] = 0;
-    }
+    const bool pos = r.cls[j] == kPositive && ms_keep_positive(local, s, max_neg);
+    const bool neg = r.cls[j] == kNegative && ms_keep_negative(local, s, min_pos);
+    const Acc e_pos = -g * fast_exp(-local.alpha * (s - local.base) - lse_pos);
+    const Acc e_neg = g * fast_exp(local.beta * (s - local.base) - lse_neg);
+    w[j] = pos ? e_pos : (neg ? e_neg : Acc(0));
   }
 }
 
