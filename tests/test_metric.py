@@ -130,8 +130,8 @@ def test_multi_similarity_mining_pairs_equal_the_miner():
     y = torch.randint(0, 10, (64,), generator=g)
     x = F.normalize(e, dim=1)
     scale = torch.tensor(2.0, dtype=torch.float64)
-    _, counts, stats, _, _ = _ops.forward(x, x, y, y, None, None, None, scale, 0, _ops.KINDS["multi_similarity"], 50.0,
-                                          0.5, 0.1, 1, False)  # fmt: skip
+    _, counts, stats, *_ = _ops.forward(x, x, y, y, None, None, None, scale, 0, _ops.KINDS["multi_similarity"], 50.0,
+                                        0.5, 0.1, 1, False)  # fmt: skip
     s = x @ x.T
     same = (y[:, None] == y[None, :]) & ~torch.eye(64, dtype=torch.bool)
     diff = y[:, None] != y[None, :]
@@ -198,6 +198,30 @@ def test_low_temperature_in_16_bit_is_finite(dtype):
     assert_close(values[0].float(), expected, 1e-2, "info_nce tau 0.01")
 
 
+def test_fused_gradient_is_used_only_for_a_uniform_upstream_gradient():
+    """The forward computes the gradient of the summed row terms in the same pass; a backward whose
+    upstream gradient is not one value over the active rows (a masked or weighted sum of per-row
+    losses) must recompute, and both give the materialized cross entropy's gradients."""
+    g = torch.Generator().manual_seed(19)
+    q = torch.randn(50, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(50, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    weights = torch.rand(50, generator=g, dtype=torch.float64)
+    mask = torch.rand(50, generator=g) < 0.5
+    logits = F.normalize(q, dim=1) @ F.normalize(k, dim=1).T / 0.07
+    per_row = F.cross_entropy(logits, torch.arange(50), reduction="none")
+    for combine in (lambda v: v.mean(), lambda v: 3 * v.sum(), lambda v: (v * weights).sum(), lambda v: v[mask].sum()):
+        ours = combine(M.info_nce(q, k, reduction="none"))
+        theirs = combine(per_row)
+        for got, want in zip(torch.autograd.grad(ours, (q, k)), torch.autograd.grad(theirs, (q, k), retain_graph=True)):
+            assert_close(got, want, 1e-10, "info_nce gradient")
+    e = torch.randn(40, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 4, (40,), generator=g)
+    for fn in (M.supcon, M.circle, M.triplet, M.multi_similarity):  # uniform (mean) and masked (nonzero) reductions
+        with torch.no_grad():
+            unfused = fn(e, y)  # no fused gradient without grad mode; same value
+        assert_close(fn(e, y), unfused, 1e-12, fn.__name__)
+
+
 def test_auc_loss_and_decoupled_softmax_match_the_float64_references():
     g = torch.Generator().manual_seed(14)
     q = torch.randn(30, 12, generator=g, dtype=torch.float64, requires_grad=True)
@@ -254,8 +278,10 @@ def test_ops_pass_opcheck():
     y = torch.randint(0, 3, (10,), generator=g)
     scale = torch.tensor(0.1, dtype=torch.float64)
     for kind in ("nt_xent", "multi_similarity", "triplet"):
-        torch.library.opcheck(torch.ops.fastloss.metric_forward.default,
-                              (x, x, y, y, None, None, None, scale, 0, _ops.KINDS[kind], 50.0, 0.5, 0.1, 1, False))  # fmt: skip
+        for fused in (False, True):
+            torch.library.opcheck(torch.ops.fastloss.metric_forward.default,
+                                  (x, x, y, y, None, None, None, scale, 0, _ops.KINDS[kind], 50.0, 0.5, 0.1, 1, False,
+                                   fused))  # fmt: skip
     torch.library.opcheck(torch.ops.fastloss.metric_forward.default,
                           (x, x.detach().flip(0).requires_grad_(), None, None, None, None, None,
                            torch.tensor(10.0, dtype=torch.float64, requires_grad=True), -1, 0, 0.0, 0.0, 0.0, 0, True))  # fmt: skip

@@ -50,8 +50,13 @@ void bind_metric(py::module_& m) {
   m.def(
       "metric_forward_cpu",
       [](const PairProblem& p, uintptr_t row_terms, uintptr_t row_counts, uintptr_t row_stats, uintptr_t col_terms,
-         uintptr_t col_stats) {
+         uintptr_t col_stats, uintptr_t unit_grad_x, uintptr_t unit_grad_y, uintptr_t unit_grad_scale,
+         uintptr_t row_active) {
         ForwardOut out;
+        out.unit_grad_x = ptr(unit_grad_x);
+        out.unit_grad_y = ptr(unit_grad_y);
+        out.unit_grad_scale = ptr(unit_grad_scale);
+        out.row_active = ptr(row_active);
         out.row_terms = ptr(row_terms);
         out.row_counts = ptr(row_counts);
         out.row_stats = ptr(row_stats);

@@ -229,44 +229,6 @@ FL_CPU_MULTIVERSION void add_column_grads(const PairProblem& p, int64_t i, const
   }
 }
 
-template <class Acc>
-void forward_typed(const PairProblem& p, const ForwardOut& out) {
-  const Inputs<Acc> in(p);
-  Acc* terms = static_cast<Acc*>(out.row_terms);
-  Acc* counts = static_cast<Acc*>(out.row_counts);
-  Acc* stats = static_cast<Acc*>(out.row_stats);
-  const bool columns = p.symmetric;
-  const int max_pieces = std::max(1, cpu_thread_count());
-  std::vector<ColumnLse<Acc>> column_parts;
-  if (columns) column_parts.assign(static_cast<size_t>(max_pieces), ColumnLse<Acc>(p.m));
-  const Acc scale = static_cast<Acc>(p.p0);
-  const int pieces = run_row_pieces(p.n, [&](int piece, int64_t r0, int64_t r1) {
-    Scratch<Acc> sc(p.m);
-    for (int64_t i0 = r0; i0 < r1; i0 += kBlockRows) {
-      const int64_t rows = std::min(kBlockRows, r1 - i0);
-      similarity_rows(in, i0, rows, sc);
-      for (int64_t r = 0; r < rows; ++r) {
-        const Acc* s = sc.s.data() + r * p.m;
-        const RowResult<Acc> res = forward_row(p, make_row(in, i0 + r, s, sc), sc);
-        std::copy(res.terms, res.terms + kRowTerms, terms + (i0 + r) * kRowTerms);
-        std::copy(res.counts, res.counts + kRowTerms, counts + (i0 + r) * kRowTerms);
-        std::copy(res.stats, res.stats + kRowStats, stats + (i0 + r) * kRowStats);
-        if (columns) add_column_row(column_parts[piece], s, scale);
-      }
-    }
-  });
-  if (!columns) return;
-  for (int k = 1; k < pieces; ++k) column_parts[0].merge(column_parts[k]);
-  Acc* col_terms = static_cast<Acc*>(out.col_terms);
-  Acc* col_stats = static_cast<Acc*>(out.col_stats);
-  for (int64_t j = 0; j < p.m; ++j) {  // symmetric InfoNCE is square with the diagonal as positives
-    Acc diagonal = 0;
-    for (int64_t t = 0; t < p.dim; ++t) diagonal += in.x[j * p.dim + t] * in.y[j * p.dim + t];
-    col_stats[j] = column_parts[0].value(j);
-    col_terms[j] = col_stats[j] - scale * diagonal;
-  }
-}
-
 // dX rows = W Y and dY += W^T X for the block's rows.
 template <class Acc>
 FL_CPU_MULTIVERSION void gradient_products(const Inputs<Acc>& in, int64_t i0, int64_t rows, Scratch<Acc>& sc,
@@ -277,42 +239,120 @@ FL_CPU_MULTIVERSION void gradient_products(const Inputs<Acc>& in, int64_t i0, in
   tile_gemm(m, dim, rows, sc.wt.data(), kBlockRows, in.x + i0 * dim, dim, grad_y_part, dim, true);
 }
 
+// One pass over the row blocks. A forward pass writes the row terms (and column statistics); a
+// gradient pass writes dX, dY, d(scale) from either the saved statistics and the upstream
+// gradients (backward), or, in the forward itself, this pass's statistics and the unit upstream
+// gradient of sum_i terms[i][0] (the fused path: one similarity product fewer than forward + backward).
 template <class Acc>
-void backward_typed(const PairProblem& p, const BackwardArgs& a) {
+struct Pass {
+  Acc* terms = nullptr;  // forward outputs (null: not a forward pass)
+  Acc* counts = nullptr;
+  Acc* stats = nullptr;
+  Acc* col_terms = nullptr;
+  Acc* col_stats_out = nullptr;
+  bool unit_grad = false;           // gradient of sum_i terms[i][0], from this pass's statistics
+  const Acc* saved_stats = nullptr; // backward: the forward's statistics and the upstream gradients
+  const Acc* grad_row = nullptr;
+  const Acc* grad_col = nullptr;
+  const Acc* col_stats = nullptr;
+  Acc* grad_x = nullptr;  // gradient outputs (null: no gradient)
+  Acc* grad_y = nullptr;
+  Acc* grad_scale = nullptr;
+  Acc* row_active = nullptr;  // unit_grad: 1 where the row of W is not all zero
+};
+
+template <class Acc>
+void run_pass(const PairProblem& p, const Pass<Acc>& pass) {
   const Inputs<Acc> in(p);
-  const Acc* stats = static_cast<const Acc*>(a.row_stats);
-  const Acc* grad_row = static_cast<const Acc*>(a.grad_row);
-  const Acc* grad_col = static_cast<const Acc*>(a.grad_col);
-  const Acc* col_stats = static_cast<const Acc*>(a.col_stats);
+  const bool forward = pass.terms != nullptr, gradient = pass.grad_x != nullptr;
+  const bool columns = forward && p.symmetric;
   const Acc scale = static_cast<Acc>(p.p0);
   const int max_pieces = std::max(1, cpu_thread_count());
+  std::vector<ColumnLse<Acc>> column_parts;
+  if (columns) column_parts.assign(static_cast<size_t>(max_pieces), ColumnLse<Acc>(p.m));
   std::vector<std::vector<Acc>> grad_y_parts(static_cast<size_t>(max_pieces));
   std::vector<Acc> scale_parts(static_cast<size_t>(max_pieces), Acc(0));
-  Acc* grad_x = static_cast<Acc*>(a.grad_x);
+  const Acc unit[kRowTerms] = {Acc(1), Acc(0)};
   const int pieces = run_row_pieces(p.n, [&](int piece, int64_t r0, int64_t r1) {
     Scratch<Acc> sc(p.m);
-    std::vector<Acc>& grad_y_part = grad_y_parts[piece];
-    grad_y_part.assign(static_cast<size_t>(p.m * p.dim), Acc(0));
+    if (gradient) grad_y_parts[piece].assign(static_cast<size_t>(p.m * p.dim), Acc(0));
     for (int64_t i0 = r0; i0 < r1; i0 += kBlockRows) {
       const int64_t rows = std::min(kBlockRows, r1 - i0);
       similarity_rows(in, i0, rows, sc);
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = i0 + r;
         const Acc* s = sc.s.data() + r * p.m;
+        const Row<Acc> row = make_row(in, i, s, sc);
+        RowResult<Acc> res;
+        if (forward) {
+          res = forward_row(p, row, sc);
+          std::copy(res.terms, res.terms + kRowTerms, pass.terms + i * kRowTerms);
+          std::copy(res.counts, res.counts + kRowTerms, pass.counts + i * kRowTerms);
+          std::copy(res.stats, res.stats + kRowStats, pass.stats + i * kRowStats);
+          if (columns) add_column_row(column_parts[piece], s, scale);
+        }
+        if (!gradient) continue;
         Acc* w = sc.w.data() + r * p.m;
-        backward_row(p, make_row(in, i, s, sc), stats + i * kRowStats, grad_row + i * kRowTerms, sc, w);
-        add_column_grads(p, i, s, grad_col, col_stats, scale, w, scale_parts[piece]);
+        if (pass.unit_grad) {
+          backward_row(p, row, res.stats, unit, sc, w);
+          Acc unused_col = 0;
+          add_column_grads(p, i, s, &unused_col, &unused_col, scale, w, scale_parts[piece]);  // (not symmetric)
+          pass.row_active[i] = std::any_of(w, w + p.m, [](Acc v) { return v != 0; }) ? Acc(1) : Acc(0);
+        } else {
+          backward_row(p, row, pass.saved_stats + i * kRowStats, pass.grad_row + i * kRowTerms, sc, w);
+          add_column_grads(p, i, s, pass.grad_col, pass.col_stats, scale, w, scale_parts[piece]);
+        }
       }
-      gradient_products(in, i0, rows, sc, grad_x, grad_y_part.data());
+      if (gradient) gradient_products(in, i0, rows, sc, pass.grad_x, grad_y_parts[piece].data());
     }
   });
-  Acc* grad_y = static_cast<Acc*>(a.grad_y);
-  std::copy(grad_y_parts[0].begin(), grad_y_parts[0].end(), grad_y);
-  for (int k = 1; k < pieces; ++k)
-    for (size_t e = 0; e < grad_y_parts[k].size(); ++e) grad_y[e] += grad_y_parts[k][e];
-  Acc total_scale = 0;
-  for (int k = 0; k < pieces; ++k) total_scale += scale_parts[k];
-  *static_cast<Acc*>(a.grad_scale) = total_scale;
+  if (gradient) {
+    std::copy(grad_y_parts[0].begin(), grad_y_parts[0].end(), pass.grad_y);
+    for (int k = 1; k < pieces; ++k)
+      for (size_t e = 0; e < grad_y_parts[k].size(); ++e) pass.grad_y[e] += grad_y_parts[k][e];
+    Acc total_scale = 0;
+    for (int k = 0; k < pieces; ++k) total_scale += scale_parts[k];
+    *pass.grad_scale = total_scale;
+  }
+  if (!columns) return;
+  for (int k = 1; k < pieces; ++k) column_parts[0].merge(column_parts[k]);
+  for (int64_t j = 0; j < p.m; ++j) {  // symmetric InfoNCE is square with the diagonal as positives
+    Acc diagonal = 0;
+    for (int64_t t = 0; t < p.dim; ++t) diagonal += in.x[j * p.dim + t] * in.y[j * p.dim + t];
+    pass.col_stats_out[j] = column_parts[0].value(j);
+    pass.col_terms[j] = pass.col_stats_out[j] - scale * diagonal;
+  }
+}
+
+template <class Acc>
+void forward_typed(const PairProblem& p, const ForwardOut& out) {
+  Pass<Acc> pass;
+  pass.terms = static_cast<Acc*>(out.row_terms);
+  pass.counts = static_cast<Acc*>(out.row_counts);
+  pass.stats = static_cast<Acc*>(out.row_stats);
+  pass.col_terms = static_cast<Acc*>(out.col_terms);
+  pass.col_stats_out = static_cast<Acc*>(out.col_stats);
+  if (out.unit_grad_x != nullptr) {
+    pass.unit_grad = true;
+    pass.grad_x = static_cast<Acc*>(out.unit_grad_x);
+    pass.grad_y = static_cast<Acc*>(out.unit_grad_y);
+    pass.grad_scale = static_cast<Acc*>(out.unit_grad_scale);
+    pass.row_active = static_cast<Acc*>(out.row_active);
+  }
+  run_pass(p, pass);
+}
+
+template <class Acc>
+void backward_typed(const PairProblem& p, const BackwardArgs& a) {
+  Pass<Acc> pass;
+  pass.saved_stats = static_cast<const Acc*>(a.row_stats);
+  pass.grad_row = static_cast<const Acc*>(a.grad_row);
+  pass.grad_col = static_cast<const Acc*>(a.grad_col);
+  pass.col_stats = static_cast<const Acc*>(a.col_stats);
+  pass.grad_x = static_cast<Acc*>(a.grad_x);
+  pass.grad_y = static_cast<Acc*>(a.grad_y);
+  pass.grad_scale = static_cast<Acc*>(a.grad_scale);
+  run_pass(p, pass);
 }
 
 void require_cpu_problem(const PairProblem& p) {
@@ -339,7 +379,16 @@ void require_cpu_problem(const PairProblem& p) {
 
 void forward_cpu(const PairProblem& p, const ForwardOut& out) {
   require_cpu_problem(p);
-  if (p.n == 0) return;
+  FL_CHECK_ARG(out.unit_grad_x == nullptr || (!p.symmetric && p.kind != LossKind::Contrastive), p.op_name,
+               ": the fused gradient is for single-term row losses (not symmetric InfoNCE or contrastive)");
+  if (p.n == 0) {
+    if (out.unit_grad_x != nullptr) {  // no rows: nothing reaches y or the scale
+      const size_t elem = dtype_size(p.dtype);
+      if (p.m * p.dim > 0) std::memset(out.unit_grad_y, 0, static_cast<size_t>(p.m * p.dim) * elem);
+      std::memset(out.unit_grad_scale, 0, elem);
+    }
+    return;
+  }
   if (p.dtype == DType::Float64) forward_typed<double>(p, out); else forward_typed<float>(p, out);
 }
 

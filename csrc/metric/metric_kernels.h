@@ -59,12 +59,20 @@ void validate(const PairProblem& p);
 
 // row_terms (n, kRowTerms) losses, row_counts (n, kRowTerms), row_stats (n, kRowStats),
 // col_terms (m) and col_stats (m) when symmetric (else unused); all in the accumulator type.
+// With unit_grad_x set (single-term losses, not symmetric), the forward also writes the gradient of
+// sum_i row_terms[i][0] with respect to x (n, dim), y (m, dim) and the scale (1), and row_active (n):
+// 1 where row i's gradient row is not all zero. A backward whose upstream gradient is the same c for
+// every active row is then c times these (fastloss.metric checks that), with no second pass.
 struct ForwardOut {
   void* row_terms = nullptr;
   void* row_counts = nullptr;
   void* row_stats = nullptr;
   void* col_terms = nullptr;
   void* col_stats = nullptr;
+  void* unit_grad_x = nullptr;
+  void* unit_grad_y = nullptr;
+  void* unit_grad_scale = nullptr;
+  void* row_active = nullptr;
 };
 void forward_cpu(const PairProblem& p, const ForwardOut& out);
 

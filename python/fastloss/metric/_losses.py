@@ -36,6 +36,13 @@ def _labels(fn: str, name: str, labels, length: int, device) -> torch.Tensor:
     return labels.to(torch.int64)
 
 
+def _wants_grad(*tensors) -> bool:
+    """Whether the forward should also compute the gradients (the fused path): a backward is coming.
+    Not while compiling, where the backward's check of a uniform upstream gradient would break the graph."""
+    return (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+            and not torch.compiler.is_compiling())  # fmt: skip
+
+
 def _positive(fn: str, name: str, value) -> float:
     return V.real_number(fn, name, value, positive=True)
 
@@ -75,8 +82,9 @@ class _Pairs:
 
     def run(self, kind: str, scale: float, p1=0.0, p2=0.0, p3=0.0, option=0):
         scale_t = torch.tensor(scale, dtype=torch.float64)
+        fused = kind != "contrastive" and _wants_grad(self.x, self.y)
         return _ops.forward(self.x, self.y, self.labels, self.y_labels, None, None, None, scale_t, self.self_offset,
-                            _ops.KINDS[kind], float(p1), float(p2), float(p3), int(option), False)  # fmt: skip
+                            _ops.KINDS[kind], float(p1), float(p2), float(p3), int(option), False, fused)  # fmt: skip
 
     def pair_counts(self) -> tuple[int, int]:
         """The numbers of positive and negative pairs (over every rank with a process group)."""
@@ -275,8 +283,9 @@ def info_nce(query, key, *, temperature: float = 0.07, labels=None, symmetric: b
         if logit_scale.numel() != 1:
             raise ValueError(f"fastloss.{fn}: 'logit_scale' must hold one value, got shape {tuple(logit_scale.shape)}")
         scale = logit_scale.reshape(())
-    terms, _, _, col_terms, _ = _ops.forward(q, k, None, None, targets, None, None, scale, -1, _ops.KINDS["info_nce"],
-                                             0.0, 0.0, 0.0, 0, bool(symmetric))  # fmt: skip
+    fused = not symmetric and _wants_grad(q, k, scale)
+    terms, _, _, col_terms, *_ = _ops.forward(q, k, None, None, targets, None, None, scale, -1, _ops.KINDS["info_nce"],
+                                              0.0, 0.0, 0.0, 0, bool(symmetric), fused)  # fmt: skip
     rows = terms[:, 0]
     per_row = 0.5 * (rows + col_terms) if symmetric else rows
     per_row = per_row.to(query.dtype)
@@ -296,7 +305,7 @@ def auc_loss(query, key, *, labels=None, temperature: float = 1.0, normalize: bo
     targets = _targets(fn, labels, q.shape[0], k.shape[0], q.device)
     scale = torch.tensor(t, dtype=torch.float64)
     terms, *_ = _ops.forward(q, k, None, None, targets, None, None, scale, -1, _ops.KINDS["auc"], 0.0, 0.0, 0.0, 0,
-                             False)  # fmt: skip
+                             False, _wants_grad(q, k))  # fmt: skip
     return terms[:, 0].mean().to(query.dtype)
 
 
@@ -334,5 +343,5 @@ def decoupled_softmax(query, keys, positives, *, temperature: float = 0.05, norm
     ptr, idx = _positive_lists(fn, positives, q.shape[0], k.shape[0], q.device)
     scale = torch.tensor(t, dtype=torch.float64)
     terms, *_ = _ops.forward(q, k, None, None, None, ptr, idx, scale, -1, _ops.KINDS["decoupled_softmax"], 0.0, 0.0,
-                             0.0, 0, False)  # fmt: skip
+                             0.0, 0, False, _wants_grad(q, k))  # fmt: skip
     return terms[:, 0].mean().to(query.dtype)

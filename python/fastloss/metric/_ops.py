@@ -2,6 +2,8 @@
 
 ``metric_forward``   per-row loss terms (n, 2), counts (n, 2) and statistics (n, 4) of one of the
                      pair losses, and for symmetric InfoNCE the column terms (m) and statistics (m).
+                     With ``with_grad`` (single-term losses) also the gradients of sum_i terms[i, 0]
+                     from the same pass, used by the backward when its upstream gradient is uniform.
 ``metric_backward``  dx, dy and d(scale) from the upstream gradients of the row and column terms.
 
 The row and column terms are differentiable (``register_autograd``); the reductions PML applies
@@ -21,7 +23,7 @@ KINDS = {"info_nce": 0, "nt_xent": 1, "supcon": 2, "multi_similarity": 3, "circl
 ROW_TERMS, ROW_STATS = 2, 4
 SCHEMA = ("(Tensor x, Tensor y, Tensor? labels_x, Tensor? labels_y, Tensor? targets, Tensor? pos_ptr, "
           "Tensor? pos_idx, Tensor scale, int self_offset, int kind, float p1, float p2, float p3, int option, "
-          "bool symmetric)")  # fmt: skip
+          "bool symmetric, bool with_grad=False)")  # fmt: skip
 
 
 def _ptr(t: torch.Tensor | None) -> int:
@@ -33,7 +35,7 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def _problem(x, y, labels_x, labels_y, targets, pos_ptr, pos_idx, scale, self_offset, kind, p1, p2, p3, option,
-             symmetric):  # fmt: skip
+             symmetric, with_grad=False):  # fmt: skip
     p0 = float(scale)
     return _C.PairProblem(L.DTYPE_CODES[x.dtype], x.shape[0], y.shape[0], x.shape[1], x.data_ptr(), y.data_ptr(),
                           _ptr(labels_x), _ptr(labels_y), _ptr(targets), _ptr(pos_ptr), _ptr(pos_idx), self_offset,
@@ -45,7 +47,7 @@ def _contiguous(*tensors):
 
 
 def _forward(x, y, labels_x, labels_y, targets, pos_ptr, pos_idx, scale, self_offset, kind, p1, p2, p3, option,
-             symmetric, *, device):  # fmt: skip
+             symmetric, with_grad=False, *, device):  # fmt: skip
     if device == "cuda":
         raise NotImplementedError("fastloss.metric: the CUDA kernels of the metric family are not written yet; "
                                   "call it on CPU tensors")  # fmt: skip
@@ -60,22 +62,28 @@ def _forward(x, y, labels_x, labels_y, targets, pos_ptr, pos_idx, scale, self_of
     stats = L.empty((n, ROW_STATS), acc, xc.device)
     col_terms = L.empty((m if symmetric else 0,), acc, xc.device)
     col_stats = L.empty((m if symmetric else 0,), acc, xc.device)
+    unit_x = L.empty(xc.shape if with_grad else (0,), acc, xc.device)
+    unit_y = L.empty(yc.shape if with_grad else (0,), acc, xc.device)
+    unit_scale = L.empty((1,) if with_grad else (0,), acc, xc.device)
+    active = L.empty((n if with_grad else 0,), acc, xc.device)
     L.launch("metric_forward", device, terms, problem, _ptr(terms), _ptr(counts), _ptr(stats), _ptr(col_terms),
-             _ptr(col_stats))  # fmt: skip
-    return terms, counts, stats, col_terms, col_stats
+             _ptr(col_stats), _ptr(unit_x), _ptr(unit_y), _ptr(unit_scale), _ptr(active))  # fmt: skip
+    return terms, counts, stats, col_terms, col_stats, unit_x, unit_y, unit_scale, active
 
 
 def _forward_fake(x, y, labels_x, labels_y, targets, pos_ptr, pos_idx, scale, self_offset, kind, p1, p2, p3, option,
-                  symmetric):  # fmt: skip
+                  symmetric, with_grad=False):  # fmt: skip
     acc = _compute_dtype(x)
     n, m = x.shape[0], y.shape[0]
     return (x.new_empty((n, ROW_TERMS), dtype=acc), x.new_empty((n, ROW_TERMS), dtype=acc),
             x.new_empty((n, ROW_STATS), dtype=acc), x.new_empty((m if symmetric else 0,), dtype=acc),
-            x.new_empty((m if symmetric else 0,), dtype=acc))  # fmt: skip
+            x.new_empty((m if symmetric else 0,), dtype=acc), x.new_empty(x.shape if with_grad else (0,), dtype=acc),
+            x.new_empty(y.shape if with_grad else (0,), dtype=acc), x.new_empty((1,) if with_grad else (0,), dtype=acc),
+            x.new_empty((n if with_grad else 0,), dtype=acc))  # fmt: skip
 
 
 def _backward(grad_row, grad_col, row_stats, col_stats, x, y, labels_x, labels_y, targets, pos_ptr, pos_idx, scale,
-              self_offset, kind, p1, p2, p3, option, symmetric, *, device):  # fmt: skip
+              self_offset, kind, p1, p2, p3, option, symmetric, with_grad=False, *, device):  # fmt: skip
     if device == "cuda":
         raise NotImplementedError("fastloss.metric: the CUDA kernels of the metric family are not written yet")
     acc = _compute_dtype(x)
@@ -109,25 +117,51 @@ backward = L.define_op(
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:8], output[2], output[4])
-    ctx.options = inputs[8:]
-    ctx.mark_non_differentiable(output[1], output[2], output[4])
+    ctx.save_for_backward(*inputs[:8], output[2], output[4], *output[5:])
+    ctx.options = list(inputs[8:15]) + [False]
+    ctx.mark_non_differentiable(*output[1:3], *output[4:])
 
 
-def _autograd_backward(ctx, grad_terms, grad_counts, grad_stats, grad_col_terms, grad_col_stats):
-    x, y, labels_x, labels_y, targets, pos_ptr, pos_idx, scale, row_stats, col_stats = ctx.saved_tensors
+def _fused_gradient(grad_terms, grad_col_terms, unit_x, unit_y, unit_scale, active):
+    """The gradients computed in the forward (unit upstream on every row's first term), scaled,
+    when the upstream gradient is that up to one factor c: the same c on every row whose gradient
+    row is not zero, nothing on the second terms and the columns. None otherwise."""
+    if unit_x.numel() == 0 and unit_y.numel() == 0 and unit_scale.numel() == 0:
+        return None
+    if type(grad_terms) is not torch.Tensor:  # traced (fake / functional tensors): no data-dependent check
+        return None
+    if grad_col_terms is not None and bool((grad_col_terms != 0).any()):
+        return None
+    if grad_terms is None or bool((grad_terms[:, 1] != 0).any()):
+        return None
+    values = grad_terms[:, 0][active > 0]
+    if values.numel() and not bool((values == values[0]).all()):
+        return None
+    c = values[0] if values.numel() else grad_terms.new_zeros(())
+    return c * unit_x, c * unit_y, c * unit_scale.reshape(())
+
+
+def _autograd_backward(ctx, grad_terms, grad_counts, grad_stats, grad_col_terms, grad_col_stats, *unused):
+    (x, y, labels_x, labels_y, targets, pos_ptr, pos_idx, scale, row_stats, col_stats, unit_x, unit_y, unit_scale,
+     active) = ctx.saved_tensors  # fmt: skip
+    fused = _fused_gradient(grad_terms, grad_col_terms, unit_x, unit_y, unit_scale, active)
+    if fused is not None:
+        grad_x, grad_y, grad_scale = fused
+        return (grad_x.to(x.dtype), grad_y.to(y.dtype), None, None, None, None, None, grad_scale.to(scale.dtype)) + \
+            (None,) * 8
     if grad_terms is None:
         grad_terms = torch.zeros(row_stats.shape[0], ROW_TERMS, dtype=row_stats.dtype, device=row_stats.device)
     if grad_col_terms is None:
         grad_col_terms = torch.zeros(col_stats.shape, dtype=col_stats.dtype, device=col_stats.device)
     grad_x, grad_y, grad_scale = backward(grad_terms, grad_col_terms, row_stats, col_stats, x, y, labels_x, labels_y,
                                           targets, pos_ptr, pos_idx, scale, *ctx.options)  # fmt: skip
-    return (grad_x, grad_y, None, None, None, None, None, grad_scale) + (None,) * 7
+    return (grad_x, grad_y, None, None, None, None, None, grad_scale) + (None,) * 8
 
 
 forward = L.define_op(
     "metric_forward",
-    SCHEMA + " -> (Tensor row_terms, Tensor row_counts, Tensor row_stats, Tensor col_terms, Tensor col_stats)",
+    SCHEMA + " -> (Tensor row_terms, Tensor row_counts, Tensor row_stats, Tensor col_terms, Tensor col_stats, "
+    "Tensor unit_grad_x, Tensor unit_grad_y, Tensor unit_grad_scale, Tensor row_active)",
     cpu=lambda *args: _forward(*args, device="cpu"),
     cuda=lambda *args: _forward(*args, device="cuda"),
     fake=_forward_fake,
