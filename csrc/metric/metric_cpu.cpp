@@ -188,12 +188,26 @@ struct ColumnLse {
   Acc value(int64_t j) const { return sum[j] == 0 ? kNegInf<Acc> : max[j] + std::log(sum[j]); }
 };
 
-// Work split into at most cpu_thread_count() contiguous pieces of row blocks; the piece index
-// selects the per-thread buffers, so the merge order is fixed.
+// How many contiguous pieces of row blocks a pass uses: at most one per thread, and, when each piece
+// keeps its own dY (m x dim), no more than fit in kGradYBudget (the pieces beyond it would only
+// trade memory for speed). Read once per pass: the thread limit may change meanwhile.
+constexpr int64_t kGradYBudgetBytes = int64_t(256) << 20;
+
+int pass_pieces(const PairProblem& p, bool gradient) {
+  const int64_t blocks = (p.n + kBlockRows - 1) / kBlockRows;
+  int64_t pieces = std::min<int64_t>(blocks, cpu_thread_count());
+  if (gradient) {
+    const int64_t per_piece = std::max<int64_t>(1, p.m * p.dim * static_cast<int64_t>(dtype_size(p.dtype)));
+    pieces = std::min<int64_t>(pieces, std::max<int64_t>(1, kGradYBudgetBytes / per_piece));
+  }
+  return static_cast<int>(std::max<int64_t>(1, pieces));
+}
+
+// Runs body(piece, first row, end row) over `pieces` contiguous pieces of row blocks; the piece
+// index selects the per-piece buffers, so the merge order is fixed.
 template <class Body>
-int run_row_pieces(int64_t n, Body&& body) {
+void run_row_pieces(int64_t n, int pieces, Body&& body) {
   const int64_t blocks = (n + kBlockRows - 1) / kBlockRows;
-  const int pieces = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(blocks, cpu_thread_count())));
   if (pieces == 1) {
     body(0, int64_t(0), n);
   } else {
@@ -202,7 +216,6 @@ int run_row_pieces(int64_t n, Body&& body) {
       body(piece, b0 * kBlockRows, std::min(n, b1 * kBlockRows));
     });
   }
-  return pieces;
 }
 
 template <class Acc>
@@ -267,13 +280,13 @@ void run_pass(const PairProblem& p, const Pass<Acc>& pass) {
   const bool forward = pass.terms != nullptr, gradient = pass.grad_x != nullptr;
   const bool columns = forward && p.symmetric;
   const Acc scale = static_cast<Acc>(p.p0);
-  const int max_pieces = std::max(1, cpu_thread_count());
+  const int pieces = pass_pieces(p, gradient);
   std::vector<ColumnLse<Acc>> column_parts;
-  if (columns) column_parts.assign(static_cast<size_t>(max_pieces), ColumnLse<Acc>(p.m));
-  std::vector<std::vector<Acc>> grad_y_parts(static_cast<size_t>(max_pieces));
-  std::vector<Acc> scale_parts(static_cast<size_t>(max_pieces), Acc(0));
+  if (columns) column_parts.assign(static_cast<size_t>(pieces), ColumnLse<Acc>(p.m));
+  std::vector<std::vector<Acc>> grad_y_parts(static_cast<size_t>(pieces));
+  std::vector<Acc> scale_parts(static_cast<size_t>(pieces), Acc(0));
   const Acc unit[kRowTerms] = {Acc(1), Acc(0)};
-  const int pieces = run_row_pieces(p.n, [&](int piece, int64_t r0, int64_t r1) {
+  run_row_pieces(p.n, pieces, [&](int piece, int64_t r0, int64_t r1) {
     Scratch<Acc> sc(p.m);
     if (gradient) grad_y_parts[piece].assign(static_cast<size_t>(p.m * p.dim), Acc(0));
     for (int64_t i0 = r0; i0 < r1; i0 += kBlockRows) {
@@ -381,12 +394,11 @@ void forward_cpu(const PairProblem& p, const ForwardOut& out) {
   require_cpu_problem(p);
   FL_CHECK_ARG(out.unit_grad_x == nullptr || (!p.symmetric && p.kind != LossKind::Contrastive), p.op_name,
                ": the fused gradient is for single-term row losses (not symmetric InfoNCE or contrastive)");
-  if (p.n == 0) {
-    if (out.unit_grad_x != nullptr) {  // no rows: nothing reaches y or the scale
-      const size_t elem = dtype_size(p.dtype);
-      if (p.m * p.dim > 0) std::memset(out.unit_grad_y, 0, static_cast<size_t>(p.m * p.dim) * elem);
-      std::memset(out.unit_grad_scale, 0, elem);
-    }
+  if (p.n == 0) {  // no rows: nothing reaches y or the scale
+    const size_t elem = dtype_size(p.dtype);
+    if (out.unit_grad_y != nullptr && p.m * p.dim > 0)
+      std::memset(out.unit_grad_y, 0, static_cast<size_t>(p.m * p.dim) * elem);
+    if (out.unit_grad_scale != nullptr) std::memset(out.unit_grad_scale, 0, elem);
     return;
   }
   if (p.dtype == DType::Float64) forward_typed<double>(p, out); else forward_typed<float>(p, out);

@@ -17,8 +17,9 @@ void validate(const PairProblem& p) {
   FL_CHECK_ARG(p.kind != LossKind::DecoupledSoftmax || p.pos_ptr != nullptr, fn, ": positive lists are required");
   FL_CHECK_ARG(!p.symmetric || (p.kind == LossKind::InfoNCE && p.n == p.m && p.targets == nullptr), fn,
                ": the symmetric loss needs InfoNCE on a square batch with the diagonal as positives");
-  FL_CHECK_ARG(p.targets != nullptr || p.kind != LossKind::InfoNCE || p.n <= p.m, fn,
+  FL_CHECK_ARG(p.targets != nullptr || (p.kind != LossKind::InfoNCE && p.kind != LossKind::AUC) || p.n <= p.m, fn,
                ": with the diagonal as positives there must be at least as many references as queries");
+  FL_CHECK_ARG(p.kind != LossKind::Triplet || (p.option >= 0 && p.option <= 2), fn, ": unknown triplet mining");
 }
 
 }  // namespace fl::metric

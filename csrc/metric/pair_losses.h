@@ -69,7 +69,9 @@ FL_CPU_INLINE Acc row_lse(int64_t m, Value value, Keep keep, bool add_one) {
 }
 
 // Euclidean distance between unit vectors from their similarity and squared norms, as
-// torch.cdist computes it for more than 25 rows: sqrt(max(|x|^2 + |y|^2 - 2 s, 0)).
+// torch.cdist computes it for more than 25 rows: sqrt(max(|x|^2 + |y|^2 - 2 s, 0)). The gradients
+// below go through s only: exact for l2-normalized inputs (every caller normalizes), since the
+// normalization's backward removes the radial part that |x|^2 would contribute.
 template <class Acc>
 inline Acc unit_distance(Acc x_sqnorm, Acc y_sqnorm, Acc s) {
   const Acc sq = x_sqnorm + y_sqnorm - Acc(2) * s;
@@ -354,7 +356,8 @@ struct TripletParams {
 // Scratch of one row: the distances of its positives and negatives, sorted, and prefix sums.
 template <class Acc>
 struct TripletScratch {
-  std::vector<Acc> pos, neg, neg_prefix;
+  std::vector<Acc> pos, neg;
+  std::vector<double> neg_prefix;  // in double: a window's sum is a difference of two prefixes
   void sort_row(const Row<Acc>& r) {
     pos.clear();
     neg.clear();
@@ -364,7 +367,7 @@ struct TripletScratch {
     }
     std::sort(pos.begin(), pos.end());
     std::sort(neg.begin(), neg.end());
-    neg_prefix.assign(neg.size() + 1, Acc(0));
+    neg_prefix.assign(neg.size() + 1, 0.0);
     for (size_t k = 0; k < neg.size(); ++k) neg_prefix[k + 1] = neg_prefix[k] + neg[k];
   }
   // The negatives (indices into the sorted `neg`) that form a counted triplet with a positive at d_ap.
@@ -422,7 +425,8 @@ RowResult<Acc> triplet_forward(const Row<Acc>& r, const TripletParams<Acc>& q, T
     size_t lo, hi;
     scratch.negative_range(q, d_ap, lo, hi);
     const Acc k = static_cast<Acc>(hi - lo);
-    out.terms[0] += k * (d_ap + q.margin) - (scratch.neg_prefix[hi] - scratch.neg_prefix[lo]);
+    out.terms[0] += static_cast<Acc>(static_cast<double>(k) * (static_cast<double>(d_ap) + q.margin) -
+                                     (scratch.neg_prefix[hi] - scratch.neg_prefix[lo]));
     out.counts[0] += k;
   }
   return out;

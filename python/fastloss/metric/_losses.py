@@ -63,24 +63,35 @@ class _Pairs:
             if ref_emb.shape[1] != embeddings.shape[1] or ref_emb.dtype != embeddings.dtype:
                 raise ValueError(f"fastloss.{fn}: 'ref_emb' {tuple(ref_emb.shape)} {ref_emb.dtype} does not match the "
                                  f"embeddings {tuple(embeddings.shape)} {embeddings.dtype}")  # fmt: skip
-            if ref_labels is None:
-                raise ValueError(f"fastloss.{fn}: 'ref_emb' needs 'ref_labels'")
+        # PML leaves out the pair (i, i) whenever the reference labels are the labels themselves (no
+        # ref_labels, or the same tensor): the two-view call loss(v1, y, ref_emb=v2, ref_labels=y).
+        self_paired = ref_emb is not None and (ref_labels is None or ref_labels is labels)
+        if self_paired and ref_emb.shape[0] != embeddings.shape[0]:
+            raise ValueError(f"fastloss.{fn}: with ref_labels None or the labels themselves, 'ref_emb' must have as "
+                             f"many rows as the embeddings ({embeddings.shape[0]}), got {ref_emb.shape[0]}")  # fmt: skip
+        if ref_emb is not None and not self_paired:
             ref_labels = _labels(fn, "ref_labels", ref_labels, ref_emb.shape[0], ref_emb.device)
-        x = F.normalize(embeddings, dim=1) if normalize else embeddings
+        # 16-bit embeddings are normalized in float32 (the kernels compute in float32 anyway).
+        acc = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
+        x = F.normalize(embeddings.to(acc), dim=1) if normalize else embeddings.to(acc)
         if ref_emb is None:
             y, y_labels, self_offset = x, self.labels, 0
         else:
-            y = F.normalize(ref_emb, dim=1) if normalize else ref_emb
-            y_labels, self_offset = ref_labels, -1
+            y = F.normalize(ref_emb.to(acc), dim=1) if normalize else ref_emb.to(acc)
+            y_labels, self_offset = (self.labels, 0) if self_paired else (ref_labels, -1)
+        self.empty = x.shape[0] == 0 or y.shape[0] == 0
         self.group = _distributed.Group(fn, process_group)
         if self.group.active:
-            offset = self.group.rank_offset(x.shape[0]) if ref_emb is None else 0
+            offset = self.group.rank_offset(x.shape[0])
             y = self.group.gather_with_grad(y)
             y_labels = self.group.gather(y_labels)
-            self_offset = offset if ref_emb is None else -1
+            self_offset = offset if self_offset >= 0 else -1
         self.x, self.y, self.y_labels, self.self_offset = x, y, y_labels, self_offset
 
     def run(self, kind: str, scale: float, p1=0.0, p2=0.0, p3=0.0, option=0):
+        if self.empty:  # no rows or no references: no pairs; PML's zero loss
+            zeros = self.x.new_zeros((self.x.shape[0], _ops.ROW_TERMS))
+            return zeros + 0 * self.x.sum(), zeros.clone(), self.x.new_zeros((self.x.shape[0], _ops.ROW_STATS))
         scale_t = torch.tensor(scale, dtype=torch.float64)
         fused = kind != "contrastive" and _wants_grad(self.x, self.y)
         return _ops.forward(self.x, self.y, self.labels, self.y_labels, None, None, None, scale_t, self.self_offset,
@@ -89,6 +100,8 @@ class _Pairs:
     def pair_counts(self) -> tuple[int, int]:
         """The numbers of positive and negative pairs (over every rank with a process group)."""
         labels, ref = self.labels, self.y_labels
+        if labels.numel() == 0 or ref.numel() == 0:
+            return self.group.sum_int(0), self.group.sum_int(0)
         classes = torch.cat([labels, ref]).unique(return_inverse=True)[1]
         rows, cols = classes[: labels.shape[0]], classes[labels.shape[0]:]
         size = int(classes.max()) + 1 if classes.numel() else 1
@@ -99,7 +112,7 @@ class _Pairs:
         return self.group.sum_int(same), self.group.sum_int(total - same)
 
     def zero(self, terms: torch.Tensor) -> torch.Tensor:
-        return (terms.sum() * 0).to(self.x.dtype)
+        return terms.sum() * 0
 
     def mean_of_nonzero(self, values: torch.Tensor) -> torch.Tensor:
         """PML's AvgNonZeroReducer over values (rows): the mean over those > 0, 0 when none."""
@@ -125,7 +138,7 @@ def nt_xent(embeddings, labels, *, temperature: float = 0.07, ref_emb=None, ref_
     terms, counts, *_ = pairs.run("nt_xent", t)
     positives, negatives = pairs.pair_counts()
     if positives == 0 or negatives == 0 or (positives <= 1 and negatives <= 1):
-        return pairs.zero(terms)
+        return pairs.zero(terms).to(embeddings.dtype)
     return (terms[:, 0].sum() / positives).to(embeddings.dtype)
 
 
@@ -140,7 +153,7 @@ def supcon(embeddings, labels, *, temperature: float = 0.1, ref_emb=None, ref_la
     terms, *_ = pairs.run("supcon", t)
     positives, negatives = pairs.pair_counts()
     if positives == 0 or negatives == 0 or (positives <= 1 and negatives <= 1):
-        return pairs.zero(terms)
+        return pairs.zero(terms).to(embeddings.dtype)
     return pairs.mean_of_nonzero(terms[:, 0]).to(embeddings.dtype)
 
 
@@ -162,11 +175,11 @@ def multi_similarity(embeddings, labels, *, alpha: float = 2.0, beta: float = 50
     terms, counts, *_ = pairs.run("multi_similarity", a, b, base, eps, option=1 if mining else 0)
     positives, negatives = pairs.pair_counts()
     if mining and (positives == 0 or negatives == 0):  # the miner returns no pairs at all
-        return pairs.zero(terms)
+        return pairs.zero(terms).to(embeddings.dtype)
     kept_pos = pairs.group.sum_int(int(counts[:, 0].sum()))
     kept_neg = pairs.group.sum_int(int(counts[:, 1].sum()))
     if kept_pos <= 1 and kept_neg <= 1:
-        return pairs.zero(terms)
+        return pairs.zero(terms).to(embeddings.dtype)
     return pairs.ratio(terms[:, 0].sum(), terms.shape[0]).to(embeddings.dtype)
 
 
@@ -183,7 +196,7 @@ def circle(embeddings, labels, *, m: float = 0.25, gamma: float = 256.0, ref_emb
     terms, *_ = pairs.run("circle", m_value, g)
     positives, negatives = pairs.pair_counts()
     if positives <= 1 and negatives <= 1:
-        return pairs.zero(terms)
+        return pairs.zero(terms).to(embeddings.dtype)
     return pairs.mean_of_nonzero(terms[:, 0]).to(embeddings.dtype)
 
 
@@ -202,7 +215,7 @@ def contrastive(embeddings, labels, *, pos_margin: float = 0.0, neg_margin: floa
     terms, counts, *_ = pairs.run("contrastive", pm, nm, option=1 if distance == "cosine" else 0)
     positives, negatives = pairs.pair_counts()
     if positives <= 1 and negatives <= 1:
-        return pairs.zero(terms)
+        return pairs.zero(terms).to(embeddings.dtype)
     pos = pairs.ratio(terms[:, 0].sum(), float(counts[:, 0].sum())) if positives > 0 else pairs.zero(terms)
     neg = pairs.ratio(terms[:, 1].sum(), float(counts[:, 1].sum())) if negatives > 0 else pairs.zero(terms)
     return (pos + neg).to(embeddings.dtype)
@@ -242,6 +255,8 @@ def _query_key(fn, query, key, normalize):
     if query.shape[1] != key.shape[1] or query.dtype != key.dtype:
         raise ValueError(f"fastloss.{fn}: query {tuple(query.shape)} {query.dtype} and key {tuple(key.shape)} "
                          f"{key.dtype} must share dim and dtype")  # fmt: skip
+    acc = torch.float64 if query.dtype == torch.float64 else torch.float32  # 16-bit: normalized in float32
+    query, key = query.to(acc), key.to(acc)
     if normalize:
         return F.normalize(query, dim=1), F.normalize(key, dim=1)
     return query, key
@@ -280,10 +295,16 @@ def info_nce(query, key, *, temperature: float = 0.07, labels=None, symmetric: b
         scale = torch.tensor(1.0 / _positive(fn, "temperature", temperature), dtype=torch.float64)
     else:
         V.tensor(fn, "logit_scale", logit_scale)
-        if logit_scale.numel() != 1:
-            raise ValueError(f"fastloss.{fn}: 'logit_scale' must hold one value, got shape {tuple(logit_scale.shape)}")
+        if logit_scale.numel() != 1 or not logit_scale.is_floating_point():
+            raise ValueError(f"fastloss.{fn}: 'logit_scale' must be one floating-point value, got "
+                             f"{logit_scale.dtype} of shape {tuple(logit_scale.shape)}")  # fmt: skip
+        if logit_scale.device != q.device:
+            raise ValueError(f"fastloss.{fn}: 'logit_scale' is on {logit_scale.device}, the embeddings on {q.device}")
+        if not (float(logit_scale) > 0 and torch.isfinite(logit_scale).all()):
+            raise ValueError(f"fastloss.{fn}: 'logit_scale' (the multiplier of the logits) must be finite and > 0, "
+                             f"got {float(logit_scale)}")  # fmt: skip
         scale = logit_scale.reshape(())
-    fused = not symmetric and _wants_grad(q, k, scale)
+    fused = not symmetric and q.shape[0] > 0 and _wants_grad(q, k, scale)
     terms, _, _, col_terms, *_ = _ops.forward(q, k, None, None, targets, None, None, scale, -1, _ops.KINDS["info_nce"],
                                               0.0, 0.0, 0.0, 0, bool(symmetric), fused)  # fmt: skip
     rows = terms[:, 0]

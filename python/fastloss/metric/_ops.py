@@ -46,8 +46,23 @@ def _contiguous(*tensors):
     return [None if t is None else t.contiguous() for t in tensors]
 
 
+def _check_indices(x, y, labels_x, labels_y, targets, pos_ptr, pos_idx) -> None:
+    """The op-level contract (fastloss.metric's functions check with their own words first)."""
+    n, m = x.shape[0], y.shape[0]
+    for name, t, length in (("labels_x", labels_x, n), ("labels_y", labels_y, m), ("targets", targets, n),
+                            ("pos_ptr", pos_ptr, n + 1)):  # fmt: skip
+        if t is not None and (t.dtype != torch.int64 or t.dim() != 1 or t.shape[0] != length):
+            raise ValueError(f"fastloss.metric: '{name}' must be an int64 vector of length {length}, got {t.dtype} "
+                             f"{tuple(t.shape)}")  # fmt: skip
+    if pos_idx is not None and (pos_idx.dtype != torch.int64 or pos_idx.dim() != 1):
+        raise ValueError("fastloss.metric: 'pos_idx' must be an int64 vector")
+    if x.dim() != 2 or y.dim() != 2 or x.shape[1] != y.shape[1]:
+        raise ValueError(f"fastloss.metric: x {tuple(x.shape)} and y {tuple(y.shape)} must be (n, d) and (m, d)")
+
+
 def _forward(x, y, labels_x, labels_y, targets, pos_ptr, pos_idx, scale, self_offset, kind, p1, p2, p3, option,
              symmetric, with_grad=False, *, device):  # fmt: skip
+    _check_indices(x, y, labels_x, labels_y, targets, pos_ptr, pos_idx)
     if device == "cuda":
         raise NotImplementedError("fastloss.metric: the CUDA kernels of the metric family are not written yet; "
                                   "call it on CPU tensors")  # fmt: skip
