@@ -300,9 +300,9 @@ def info_nce(query, key, *, temperature: float = 0.07, labels=None, symmetric: b
                              f"{logit_scale.dtype} of shape {tuple(logit_scale.shape)}")  # fmt: skip
         if logit_scale.device != q.device:
             raise ValueError(f"fastloss.{fn}: 'logit_scale' is on {logit_scale.device}, the embeddings on {q.device}")
-        if not (float(logit_scale) > 0 and torch.isfinite(logit_scale).all()):
+        if not (float(logit_scale.detach()) > 0 and bool(torch.isfinite(logit_scale.detach()).all())):
             raise ValueError(f"fastloss.{fn}: 'logit_scale' (the multiplier of the logits) must be finite and > 0, "
-                             f"got {float(logit_scale)}")  # fmt: skip
+                             f"got {float(logit_scale.detach())}")  # fmt: skip
         scale = logit_scale.reshape(())
     fused = not symmetric and q.shape[0] > 0 and _wants_grad(q, k, scale)
     terms, _, _, col_terms, *_ = _ops.forward(q, k, None, None, targets, None, None, scale, -1, _ops.KINDS["info_nce"],

@@ -36,7 +36,7 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 def _problem(x, y, labels_x, labels_y, targets, pos_ptr, pos_idx, scale, self_offset, kind, p1, p2, p3, option,
              symmetric, with_grad=False):  # fmt: skip
-    p0 = float(scale)
+    p0 = float(scale.detach())
     return _C.PairProblem(L.DTYPE_CODES[x.dtype], x.shape[0], y.shape[0], x.shape[1], x.data_ptr(), y.data_ptr(),
                           _ptr(labels_x), _ptr(labels_y), _ptr(targets), _ptr(pos_ptr), _ptr(pos_idx), self_offset,
                           kind, p0, p1, p2, p3, option, symmetric)  # fmt: skip
