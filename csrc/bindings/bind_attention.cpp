@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "attention/attention_kernels.h"
+#include "bindings/pointers.h"
 
 #if defined(FASTLOSS_WITH_CUDA)
 #include <cuda_runtime_api.h>
@@ -16,10 +17,7 @@ namespace {
 
 using namespace fl::attention;
 
-template <class T = void>
-T* ptr(uintptr_t address) {
-  return reinterpret_cast<T*>(address);
-}
+using fl::bindings::ptr;
 
 BackwardArgs backward_args(uintptr_t out, uintptr_t grad_out, uintptr_t stats, uintptr_t grad_q, uintptr_t grad_k,
                            uintptr_t grad_v, uintptr_t row_terms) {

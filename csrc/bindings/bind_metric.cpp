@@ -3,6 +3,7 @@
 
 #include <cstdint>
 
+#include "bindings/pointers.h"
 #include "metric/metric_kernels.h"
 
 namespace py = pybind11;
@@ -11,10 +12,7 @@ namespace {
 
 using namespace fl::metric;
 
-template <class T = void>
-T* ptr(uintptr_t address) {
-  return reinterpret_cast<T*>(address);
-}
+using fl::bindings::ptr;
 
 }  // namespace
 

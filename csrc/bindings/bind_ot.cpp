@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <string>
 
+#include "bindings/pointers.h"
 #include "ot/ot_kernels.h"
 
 #if defined(FASTLOSS_WITH_CUDA)
@@ -17,10 +18,7 @@ namespace {
 
 using namespace fl::ot;
 
-template <class T = void>
-T* ptr(uintptr_t address) {
-  return reinterpret_cast<T*>(address);
-}
+using fl::bindings::ptr;
 
 SoftminArgs softmin_args(const Geometry& geom, bool transpose, double eps, double damping, uintptr_t h,
                          uintptr_t log_w, uintptr_t out, uintptr_t old, uintptr_t log_w_dst, uintptr_t row_err) {
