@@ -3,7 +3,6 @@ written from the formulas with the full matrix (fastloss.reference.attention), F
 log-space score_mod, and plain decompositions (documents one by one, the last row of a full pass)."""
 
 import math
-import resource
 import subprocess
 import sys
 import textwrap
@@ -16,7 +15,7 @@ import fastloss
 from fastloss.attention import _ops
 from fastloss.reference import attention as R
 
-from conftest import DEVICES, assert_close, requires_cuda
+from conftest import assert_close, requires_cuda
 
 # (tolerance on out, on the gradients) against float64, per dtype
 TOL = {torch.float64: (1e-11, 1e-9), torch.float32: (2e-6, 2e-5), torch.bfloat16: (2e-2, 5e-2),

@@ -11,7 +11,6 @@ from .. import _validate as V
 from . import _distributed
 from . import _ops
 
-_NONE = None
 
 
 def _embeddings(fn: str, name: str, t) -> torch.Tensor:
