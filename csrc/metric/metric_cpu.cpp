@@ -115,7 +115,7 @@ FL_CPU_MULTIVERSION RowResult<Acc> forward_row(const PairProblem& p, const Row<A
   const Acc p0 = static_cast<Acc>(p.p0), p1 = static_cast<Acc>(p.p1);
   switch (p.kind) {
     case LossKind::InfoNCE: return info_nce_forward(row, p0);
-    case LossKind::NTXent: return nt_xent_forward(row, Acc(1) / p0);
+    case LossKind::NTXent: return positives_vs_negatives_forward(row, Acc(1) / p0, false);
     case LossKind::SupCon: return supcon_forward(row, Acc(1) / p0);
     case LossKind::MultiSimilarity:
       return multi_similarity_forward(row, MsParams<Acc>{p0, p1, static_cast<Acc>(p.p2), static_cast<Acc>(p.p3), p.option != 0});
@@ -124,7 +124,7 @@ FL_CPU_MULTIVERSION RowResult<Acc> forward_row(const PairProblem& p, const Row<A
     case LossKind::Triplet:
       return triplet_forward(row, TripletParams<Acc>{p0, p1, static_cast<TripletMining>(p.option)}, sc.triplet);
     case LossKind::AUC: return auc_forward(row, Acc(1) / p0);
-    case LossKind::DecoupledSoftmax: return decoupled_forward(row, Acc(1) / p0);
+    case LossKind::DecoupledSoftmax: return positives_vs_negatives_forward(row, Acc(1) / p0, true);
   }
   return RowResult<Acc>{};
 }
@@ -136,7 +136,7 @@ FL_CPU_MULTIVERSION void backward_row(const PairProblem& p, const Row<Acc>& row,
   const Acc g = grad[0];
   switch (p.kind) {
     case LossKind::InfoNCE: info_nce_backward(row, stats, g, p0, w); return;
-    case LossKind::NTXent: nt_xent_backward(row, stats, g, Acc(1) / p0, w); return;
+    case LossKind::NTXent: positives_vs_negatives_backward(row, stats, g, Acc(1) / p0, w); return;
     case LossKind::SupCon: supcon_backward(row, stats, g, Acc(1) / p0, w); return;
     case LossKind::MultiSimilarity:
       multi_similarity_backward(row, stats, g,
@@ -148,7 +148,7 @@ FL_CPU_MULTIVERSION void backward_row(const PairProblem& p, const Row<Acc>& row,
       triplet_backward(row, g, TripletParams<Acc>{p0, p1, static_cast<TripletMining>(p.option)}, sc.triplet, w);
       return;
     case LossKind::AUC: auc_backward(row, stats, g, Acc(1) / p0, w); return;
-    case LossKind::DecoupledSoftmax: decoupled_backward(row, stats, g, Acc(1) / p0, w); return;
+    case LossKind::DecoupledSoftmax: positives_vs_negatives_backward(row, stats, g, Acc(1) / p0, w); return;
   }
 }
 

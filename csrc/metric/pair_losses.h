@@ -105,10 +105,13 @@ FL_CPU_INLINE void info_nce_backward(const Row<Acc>& r, const Acc* stats, Acc g,
   w[r.target] -= coef;
 }
 
-// ---- NT-Xent (PML NTXentLoss): per positive pair, -log(e^{l_p} / (e^{l_p} + sum_neg e^{l_n})) -----
+// ---- Each positive against the row's negatives only: NT-Xent (PML NTXentLoss) and decoupled softmax
+// (DEXML). Per positive pair -log(e^{l_p} / (e^{l_p} + sum_neg e^{l_n})) = softplus(LSE_neg - l_p),
+// times a per-pair factor: 1 for NT-Xent (averaged over all pairs by the caller), 1/|P_i| for
+// decoupled softmax (averaged over rows). stats: LSE_neg, factor * sum_p sigmoid(LSE_neg - l_p), factor.
 
 template <class Acc>
-FL_CPU_INLINE RowResult<Acc> nt_xent_forward(const Row<Acc>& r, Acc inv_t) {
+FL_CPU_INLINE RowResult<Acc> positives_vs_negatives_forward(const Row<Acc>& r, Acc inv_t, bool per_row_mean) {
   RowResult<Acc> out;
   const Acc ln = row_lse<Acc>(r.m, [&](int64_t j) { return r.s[j] * inv_t; },
                               [&](int64_t j) { return r.cls[j] == kNegative; }, false);
@@ -121,17 +124,19 @@ FL_CPU_INLINE RowResult<Acc> nt_xent_forward(const Row<Acc>& r, Acc inv_t) {
     sum += softplus_acc(ln - r.s[j] * inv_t);
     weight += sigmoid_acc(ln - r.s[j] * inv_t);
   }
-  out.terms[0] = sum;
+  const Acc factor = per_row_mean ? (positives > 0 ? Acc(1) / positives : Acc(0)) : Acc(1);
+  out.terms[0] = factor * sum;
   out.counts[0] = positives;
   out.counts[1] = negatives;
   out.stats[0] = ln;
-  out.stats[1] = weight;
+  out.stats[1] = factor * weight;
+  out.stats[2] = factor;
   return out;
 }
 
 template <class Acc>
-FL_CPU_INLINE void nt_xent_backward(const Row<Acc>& r, const Acc* stats, Acc g, Acc inv_t, Acc* w) {
-  const Acc ln = stats[0], weight = stats[1];
+FL_CPU_INLINE void positives_vs_negatives_backward(const Row<Acc>& r, const Acc* stats, Acc g, Acc inv_t, Acc* w) {
+  const Acc ln = stats[0], weight = stats[1], factor = stats[2];
   if (ln == kNegInf<Acc>) {  // no negative: every pair's loss is 0
     std::fill(w, w + r.m, Acc(0));
     return;
@@ -140,7 +145,7 @@ FL_CPU_INLINE void nt_xent_backward(const Row<Acc>& r, const Acc* stats, Acc g, 
   for (int64_t j = 0; j < r.m; ++j) {
     const Acc l = r.s[j] * inv_t;
     const Acc e = fast_exp(l - ln);  // sigmoid(ln - l) = 1 / (1 + e)
-    const Acc pos = -g * inv_t / (Acc(1) + e);
+    const Acc pos = -g * factor * inv_t / (Acc(1) + e);
     const Acc neg = g * weight * e * inv_t;
     w[j] = r.cls[j] == kPositive ? pos : (r.cls[j] == kNegative ? neg : Acc(0));
   }
@@ -485,41 +490,6 @@ void auc_backward(const Row<Acc>& r, const Acc* stats, Acc g, Acc inv_t, Acc* w)
     total += w[j];
   }
   w[r.target] = -total;
-}
-
-// ---- Decoupled softmax (DEXML): each positive against the negatives only, 1/|P| per row ----------
-
-template <class Acc>
-RowResult<Acc> decoupled_forward(const Row<Acc>& r, Acc inv_t) {
-  RowResult<Acc> out;
-  const Acc z = row_lse<Acc>(r.m, [&](int64_t j) { return r.s[j] * inv_t; },
-                             [&](int64_t j) { return r.cls[j] == kNegative; }, false);
-  Acc positives = 0, sum = 0, weight = 0;
-  for (int64_t j = 0; j < r.m; ++j) {
-    if (r.cls[j] == kNegative) out.counts[1] += 1;
-    if (r.cls[j] != kPositive) continue;
-    positives += 1;
-    if (z == kNegInf<Acc>) continue;
-    sum += softplus_acc(z - r.s[j] * inv_t);
-    weight += sigmoid_acc(z - r.s[j] * inv_t);
-  }
-  out.counts[0] = positives;
-  out.terms[0] = positives > 0 ? sum / positives : Acc(0);
-  out.stats[0] = z;
-  out.stats[1] = positives > 0 ? weight / positives : Acc(0);
-  out.stats[2] = positives;
-  return out;
-}
-
-template <class Acc>
-void decoupled_backward(const Row<Acc>& r, const Acc* stats, Acc g, Acc inv_t, Acc* w) {
-  const Acc z = stats[0], weight = stats[1], positives = stats[2];
-  for (int64_t j = 0; j < r.m; ++j) {
-    const Acc l = r.s[j] * inv_t;
-    if (positives == 0 || z == kNegInf<Acc> || r.cls[j] == kExcluded) w[j] = 0;
-    else if (r.cls[j] == kPositive) w[j] = -g * sigmoid_acc(z - l) * inv_t / positives;
-    else w[j] = g * weight * std::exp(l - z) * inv_t;
-  }
 }
 
 }  // namespace fl::metric
