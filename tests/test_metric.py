@@ -15,7 +15,7 @@ from fastloss import metric as M
 from fastloss.metric import _ops
 from fastloss.reference import metric as R
 
-from conftest import assert_close
+from conftest import assert_close, requires_cuda
 
 pml = pytest.importorskip("pytorch_metric_learning")
 from pytorch_metric_learning import distances, losses, miners  # noqa: E402
@@ -407,3 +407,165 @@ def test_process_group_gives_the_gradient_of_the_concatenated_batch(tmp_path):
         (grad,) = torch.autograd.grad(loss, whole)
         assert_close(out[0][name][0] + out[1][name][0], loss, 1e-10, f"{name} loss")
         assert_close(torch.cat([out[0][name][1], out[1][name][1]]), grad, 1e-10, f"{name} gradient")
+
+
+# ---- CUDA: the same losses on the GPU (chunks of rows of S; csrc/metric/metric_cuda.cu) ----------------
+
+
+@pytest.fixture(params=["one_chunk", "many_chunks"])
+def cuda_chunks(request):
+    """Every CUDA test runs with the default workspace (one chunk at these sizes) and with a budget so
+    small that each chunk holds a few rows (dY accumulated over chunks, column statistics merged)."""
+    from fastloss import _C
+
+    _C.metric_cuda_set_chunk_budget(0 if request.param == "one_chunk" else 3000)
+    yield request.param
+    _C.metric_cuda_set_chunk_budget(0)
+
+
+def cuda_grads(fn, *tensors):
+    """fn(*tensors on CUDA) and its gradients (zeros for an input it does not use)."""
+    leaves = [t.detach().clone().cuda().requires_grad_() for t in tensors]
+    value = fn(*leaves)
+    grads = torch.autograd.grad(value, leaves, allow_unused=True)
+    return value, [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]
+
+
+@requires_cuda
+@pytest.mark.parametrize("shape", [(97, 33, 10), (200, 64, 4), (1, 8, 1), (2, 8, 2)], ids=lambda s: f"B{s[0]}d{s[1]}c{s[2]}")
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_cuda_float32_matches_pytorch_metric_learning_in_float64(case, shape, gradient_path, cuda_chunks):
+    name, ours, theirs = case
+    b, d, classes = shape
+    g = torch.Generator().manual_seed(b * d + 1)
+    e = torch.randn(b, d, generator=g, dtype=torch.float64)
+    y = torch.randint(0, classes, (b,), generator=g)
+    value, (grad,) = cuda_grads(lambda t: ours(t, y.cuda(), None, None), e.float())
+    leaf = e.clone().requires_grad_()
+    want = theirs(leaf, y, None, None)
+    want_grad = torch.autograd.grad(want, leaf)[0] if want.requires_grad else torch.zeros_like(e)
+    tol = 1e-3 if name == "triplet_semi" else 5e-5  # semi-hard: boundary triplets, as on the CPU
+    assert_close(value.double().cpu(), want, tol, f"{name} loss on CUDA", atol=1e-7)
+    assert_close(grad.double().cpu(), want_grad, tol, f"{name} gradient on CUDA", atol=1e-8)
+
+
+@requires_cuda
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_cuda_ref_emb_matches_the_cpu(case, cuda_chunks):
+    name, ours, _ = case
+    g = torch.Generator().manual_seed(31)
+    e, r = torch.randn(70, 24, generator=g), torch.randn(90, 24, generator=g)
+    y, ry = torch.randint(0, 6, (70,), generator=g), torch.randint(0, 6, (90,), generator=g)
+    value, grads = cuda_grads(lambda a, b: ours(a, y.cuda(), b, ry.cuda()), e, r)
+    leaves = [e.double().requires_grad_(), r.double().requires_grad_()]
+    want = ours(leaves[0], y, leaves[1], ry)
+    want_grads = torch.autograd.grad(want, leaves, allow_unused=True)
+    tol = 1e-3 if name == "triplet_semi" else 5e-5
+    assert_close(value.double().cpu(), want, tol, f"{name} loss with ref_emb on CUDA", atol=1e-7)
+    for got, expected in zip(grads, want_grads):
+        expected = torch.zeros_like(got.double().cpu()) if expected is None else expected
+        assert_close(got.double().cpu(), expected, tol, f"{name} gradient with ref_emb on CUDA", atol=1e-8)
+
+
+@requires_cuda
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("b", [1, 65, 130])
+def test_cuda_info_nce_equals_cross_entropy_with_the_scale_gradient(symmetric, b, cuda_chunks):
+    g = torch.Generator().manual_seed(b + 5)
+    q, k = torch.randn(b, 40, generator=g, dtype=torch.float64), torch.randn(b, 40, generator=g, dtype=torch.float64)
+    log_scale = torch.tensor(2.5, dtype=torch.float64)
+    value, (gq, gk, gs) = cuda_grads(lambda a, c, s: M.info_nce(a, c, logit_scale=s.exp(), symmetric=symmetric),
+                                     q.float(), k.float(), log_scale.float())  # fmt: skip
+    leaves = [t.clone().requires_grad_() for t in (q, k, log_scale)]
+    logits = F.normalize(leaves[0], dim=1) @ F.normalize(leaves[1], dim=1).T * leaves[2].exp()
+    target = torch.arange(b)
+    want = F.cross_entropy(logits, target)
+    if symmetric:
+        want = (want + F.cross_entropy(logits.T, target)) / 2
+    for got, expected, what in zip((value, gq, gk, gs), (want,) + torch.autograd.grad(want, leaves),
+                                   ("loss", "dq", "dk", "dscale")):  # fmt: skip
+        assert_close(got.double().cpu(), expected, 5e-5, f"info_nce {what} on CUDA", atol=1e-8)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_16_bit_clip_at_temperature_001_is_finite_and_close(dtype, cuda_chunks):
+    g = torch.Generator().manual_seed(23)
+    q, k = (torch.randn(300, 64, generator=g).to(dtype) for _ in range(2))
+    y = torch.randint(0, 5, (300,), generator=g)
+    for fn in (lambda a, b: M.info_nce(a, b, temperature=0.01, symmetric=True),
+               lambda a, b: M.nt_xent(a, y.cuda(), temperature=0.01), lambda a, b: M.circle(a, y.cuda(), gamma=256),
+               lambda a, b: M.multi_similarity(a, y.cuda(), beta=50)):  # fmt: skip
+        value, grads = cuda_grads(fn, q, k)
+        assert torch.isfinite(value) and all(bool(torch.isfinite(t).all()) for t in grads)
+    for temperature in (0.01, 0.07):
+        value, grads = cuda_grads(lambda a, b: M.info_nce(a, b, temperature=temperature, symmetric=True), q, k)
+        # The float64 reference sees the normalized inputs rounded to 16 bits, as the kernels read them,
+        # and differentiates through the rounding as autograd does (straight through).
+        leaves = [t.double().requires_grad_() for t in (q, k)]
+        normalized = [F.normalize(t, dim=1) for t in leaves]
+        rounded = [n + (n.to(dtype).double() - n).detach() for n in normalized]
+        want = R.info_nce(*rounded, temperature=temperature, symmetric=True, normalize=False)
+        assert_close(value.double().cpu(), want, 1e-2, f"16-bit CLIP loss on CUDA, tau {temperature}")
+        for got, expected in zip(grads, torch.autograd.grad(want, leaves)):
+            assert_close(got.double().cpu(), expected, 2e-2, f"16-bit CLIP gradient on CUDA, tau {temperature}")
+
+
+@requires_cuda
+def test_cuda_auc_and_decoupled_softmax_match_the_float64_references(cuda_chunks):
+    g = torch.Generator().manual_seed(24)
+    q, k = torch.randn(80, 20, generator=g, dtype=torch.float64), torch.randn(100, 20, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 100, (80,), generator=g)
+    mask = torch.rand(80, 100, generator=g) < 0.05
+    mask[0] = False
+    mask[1] = True
+    for name, ours, theirs in (
+        ("auc", lambda a, b: M.auc_loss(a, b, labels=labels.cuda(), temperature=0.3),
+         lambda a, b: R.auc_loss(a, b, labels=labels, temperature=0.3)),
+        ("decoupled", lambda a, b: M.decoupled_softmax(a, b, mask.cuda()), lambda a, b: R.decoupled_softmax(a, b, mask)),
+    ):  # fmt: skip
+        value, grads = cuda_grads(ours, q.float(), k.float())
+        leaves = [q.clone().requires_grad_(), k.clone().requires_grad_()]
+        want = theirs(*leaves)
+        assert_close(value.double().cpu(), want, 5e-5, f"{name} on CUDA")
+        for got, expected in zip(grads, torch.autograd.grad(want, leaves)):
+            assert_close(got.double().cpu(), expected, 5e-5, f"{name} gradient on CUDA", atol=1e-9)
+
+
+@requires_cuda
+def test_cuda_is_deterministic_and_handles_empty_batches_and_bad_targets():
+    g = torch.Generator().manual_seed(25)
+    e = torch.randn(300, 32, generator=g).cuda().requires_grad_()
+    y = torch.randint(0, 7, (300,), generator=g).cuda()
+    runs = [torch.autograd.grad(M.multi_similarity(e, y) + M.info_nce(e, e.flip(0), symmetric=True), e)[0]
+            for _ in range(2)]  # fmt: skip
+    assert torch.equal(runs[0], runs[1])
+    empty = torch.randn(0, 8, device="cuda", requires_grad=True)
+    loss = M.supcon(empty, torch.zeros(0, dtype=torch.int64, device="cuda"))
+    assert float(loss) == 0 and torch.equal(torch.autograd.grad(loss, empty)[0], torch.zeros_like(empty))
+    bad = torch.arange(300, device="cuda")
+    bad[7] = 300
+    with pytest.raises(ValueError, match="must be in"):
+        M.info_nce(e, e, labels=bad)
+    fastloss.set_target_checks(False)  # unchecked: the row with the bad label is NaN, the others exact
+    try:
+        rows = M.info_nce(e.detach(), e.detach(), labels=bad, reduction="none")
+    finally:
+        fastloss.set_target_checks(True)
+    rows = rows.cpu()
+    assert bool(torch.isnan(rows[7])) and bool(torch.isfinite(rows[torch.arange(300) != 7]).all())
+    with pytest.raises(ValueError, match="float64"):
+        M.nt_xent(e.detach().double(), y)
+
+
+@requires_cuda
+def test_cuda_ops_pass_opcheck():
+    g = torch.Generator().manual_seed(26)
+    x = F.normalize(torch.randn(10, 6, generator=g), dim=1).cuda().requires_grad_()
+    y = torch.randint(0, 3, (10,), generator=g).cuda()
+    scale = torch.tensor(0.1, dtype=torch.float64)
+    for kind in ("nt_xent", "multi_similarity", "triplet"):
+        for fused in (False, True):
+            torch.library.opcheck(torch.ops.fastloss.metric_forward.default,
+                                  (x, x, y, y, None, None, None, scale, 0, _ops.KINDS[kind], 50.0, 0.5, 0.1, 1, False,
+                                   fused))  # fmt: skip

@@ -6,6 +6,10 @@
 #include "bindings/pointers.h"
 #include "metric/metric_kernels.h"
 
+#if defined(FASTLOSS_WITH_CUDA)
+#include <cuda_runtime_api.h>
+#endif
+
 namespace py = pybind11;
 
 namespace {
@@ -13,6 +17,35 @@ namespace {
 using namespace fl::metric;
 
 using fl::bindings::ptr;
+
+ForwardOut forward_out(uintptr_t row_terms, uintptr_t row_counts, uintptr_t row_stats, uintptr_t col_terms,
+                       uintptr_t col_stats, uintptr_t unit_grad_x, uintptr_t unit_grad_y, uintptr_t unit_grad_scale,
+                       uintptr_t row_active) {
+  ForwardOut out;
+  out.row_terms = ptr(row_terms);
+  out.row_counts = ptr(row_counts);
+  out.row_stats = ptr(row_stats);
+  out.col_terms = ptr(col_terms);
+  out.col_stats = ptr(col_stats);
+  out.unit_grad_x = ptr(unit_grad_x);
+  out.unit_grad_y = ptr(unit_grad_y);
+  out.unit_grad_scale = ptr(unit_grad_scale);
+  out.row_active = ptr(row_active);
+  return out;
+}
+
+BackwardArgs backward_args(uintptr_t row_stats, uintptr_t col_stats, uintptr_t grad_row, uintptr_t grad_col,
+                           uintptr_t grad_x, uintptr_t grad_y, uintptr_t grad_scale) {
+  BackwardArgs a;
+  a.row_stats = ptr<const void>(row_stats);
+  a.col_stats = ptr<const void>(col_stats);
+  a.grad_row = ptr<const void>(grad_row);
+  a.grad_col = ptr<const void>(grad_col);
+  a.grad_x = ptr(grad_x);
+  a.grad_y = ptr(grad_y);
+  a.grad_scale = ptr(grad_scale);
+  return a;
+}
 
 }  // namespace
 
@@ -45,37 +78,44 @@ void bind_metric(py::module_& m) {
         validate(p);
         return p;
       }));
+  // The CPU and CUDA entry points take the same arguments; the CPU needs no workspace.
   m.def(
       "metric_forward_cpu",
       [](const PairProblem& p, uintptr_t row_terms, uintptr_t row_counts, uintptr_t row_stats, uintptr_t col_terms,
          uintptr_t col_stats, uintptr_t unit_grad_x, uintptr_t unit_grad_y, uintptr_t unit_grad_scale,
-         uintptr_t row_active) {
-        ForwardOut out;
-        out.unit_grad_x = ptr(unit_grad_x);
-        out.unit_grad_y = ptr(unit_grad_y);
-        out.unit_grad_scale = ptr(unit_grad_scale);
-        out.row_active = ptr(row_active);
-        out.row_terms = ptr(row_terms);
-        out.row_counts = ptr(row_counts);
-        out.row_stats = ptr(row_stats);
-        out.col_terms = ptr(col_terms);
-        out.col_stats = ptr(col_stats);
-        forward_cpu(p, out);
+         uintptr_t row_active, uintptr_t, int64_t) {
+        forward_cpu(p, forward_out(row_terms, row_counts, row_stats, col_terms, col_stats, unit_grad_x, unit_grad_y,
+                                   unit_grad_scale, row_active));
       },
       no_gil);
   m.def(
       "metric_backward_cpu",
       [](const PairProblem& p, uintptr_t row_stats, uintptr_t col_stats, uintptr_t grad_row, uintptr_t grad_col,
-         uintptr_t grad_x, uintptr_t grad_y, uintptr_t grad_scale) {
-        BackwardArgs a;
-        a.row_stats = ptr<const void>(row_stats);
-        a.col_stats = ptr<const void>(col_stats);
-        a.grad_row = ptr<const void>(grad_row);
-        a.grad_col = ptr<const void>(grad_col);
-        a.grad_x = ptr(grad_x);
-        a.grad_y = ptr(grad_y);
-        a.grad_scale = ptr(grad_scale);
-        backward_cpu(p, a);
+         uintptr_t grad_x, uintptr_t grad_y, uintptr_t grad_scale, uintptr_t, int64_t) {
+        backward_cpu(p, backward_args(row_stats, col_stats, grad_row, grad_col, grad_x, grad_y, grad_scale));
       },
       no_gil);
+#if defined(FASTLOSS_WITH_CUDA)
+  m.def("metric_cuda_workspace_bytes", &cuda_workspace_bytes, no_gil);
+  m.def("metric_cuda_set_chunk_budget", &set_cuda_chunk_budget);
+  m.def(
+      "metric_forward_cuda",
+      [](const PairProblem& p, uintptr_t row_terms, uintptr_t row_counts, uintptr_t row_stats, uintptr_t col_terms,
+         uintptr_t col_stats, uintptr_t unit_grad_x, uintptr_t unit_grad_y, uintptr_t unit_grad_scale,
+         uintptr_t row_active, uintptr_t workspace, int64_t workspace_bytes, int device, uintptr_t stream) {
+        forward_cuda(p, forward_out(row_terms, row_counts, row_stats, col_terms, col_stats, unit_grad_x, unit_grad_y,
+                                    unit_grad_scale, row_active),
+                     ptr(workspace), workspace_bytes, device, reinterpret_cast<cudaStream_t>(stream));
+      },
+      no_gil);
+  m.def(
+      "metric_backward_cuda",
+      [](const PairProblem& p, uintptr_t row_stats, uintptr_t col_stats, uintptr_t grad_row, uintptr_t grad_col,
+         uintptr_t grad_x, uintptr_t grad_y, uintptr_t grad_scale, uintptr_t workspace, int64_t workspace_bytes,
+         int device, uintptr_t stream) {
+        backward_cuda(p, backward_args(row_stats, col_stats, grad_row, grad_col, grad_x, grad_y, grad_scale),
+                      ptr(workspace), workspace_bytes, device, reinterpret_cast<cudaStream_t>(stream));
+      },
+      no_gil);
+#endif
 }

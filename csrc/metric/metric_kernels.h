@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "common/dtype.h"
+#include "common/stream.h"
 
 namespace fl::metric {
 
@@ -89,5 +90,21 @@ struct BackwardArgs {
   void* grad_scale = nullptr;
 };
 void backward_cpu(const PairProblem& p, const BackwardArgs& a);
+
+#if defined(FASTLOSS_WITH_CUDA)
+// The same entry points on the GPU (metric_cuda.cu): x and y in float32, float16 or bfloat16 (every
+// output in float32). S is computed in chunks of query rows (the chunk's rows of S, their pair
+// classes and, with a gradient, their rows of W live in the workspace, whose size
+// cuda_workspace_bytes gives and which is bounded by a fixed budget), so the rows see whole rows of
+// S exactly as on the CPU. No atomics: deterministic.
+int64_t cuda_workspace_bytes(const PairProblem& p, bool gradient);
+// The workspace budget of the chunks of rows (0: the default, 256 MB). Tests set a small one to run
+// many chunks on small batches.
+void set_cuda_chunk_budget(int64_t bytes);
+void forward_cuda(const PairProblem& p, const ForwardOut& out, void* workspace, int64_t workspace_bytes, int device,
+                  cudaStream_t stream);
+void backward_cuda(const PairProblem& p, const BackwardArgs& a, void* workspace, int64_t workspace_bytes, int device,
+                   cudaStream_t stream);
+#endif
 
 }  // namespace fl::metric

@@ -3,6 +3,10 @@
 // counts and statistics out (forward), or the row of W_j = dL/ds_j out (backward). The semantics
 // follow pytorch-metric-learning's losses and miners, cited per loss; the reduction over rows (mean,
 // mean of the nonzero terms) is done by the caller from the terms and counts.
+//
+// The per-pair math (FL_HD: softplus, distances, margins, the circle logits, MS mining, triplet
+// conditions) is shared with the CUDA row kernels (metric_rows_cuda.cuh), which run the same row
+// functions with a warp per row.
 #pragma once
 
 #include <algorithm>
@@ -13,6 +17,7 @@
 
 #include "common/cpu_multiversion.h"
 #include "common/fast_exp.h"
+#include "common/host_device.h"
 #include "metric/metric_kernels.h"
 
 namespace fl::metric {
@@ -39,11 +44,11 @@ template <class Acc>
 constexpr Acc kNegInf = -std::numeric_limits<Acc>::infinity();
 
 template <class Acc>
-inline Acc softplus_acc(Acc x) {
+FL_HD Acc softplus_acc(Acc x) {
   return (x > 0 ? x : Acc(0)) + std::log1p(std::exp(-std::fabs(x)));
 }
 template <class Acc>
-inline Acc sigmoid_acc(Acc x) {
+FL_HD Acc sigmoid_acc(Acc x) {
   return x >= 0 ? Acc(1) / (Acc(1) + std::exp(-x)) : std::exp(x) / (Acc(1) + std::exp(x));
 }
 
@@ -73,13 +78,13 @@ FL_CPU_INLINE Acc row_lse(int64_t m, Value value, Keep keep, bool add_one) {
 // below go through s only: exact for l2-normalized inputs (every caller normalizes), since the
 // normalization's backward removes the radial part that |x|^2 would contribute.
 template <class Acc>
-inline Acc unit_distance(Acc x_sqnorm, Acc y_sqnorm, Acc s) {
+FL_HD Acc unit_distance(Acc x_sqnorm, Acc y_sqnorm, Acc s) {
   const Acc sq = x_sqnorm + y_sqnorm - Acc(2) * s;
   return std::sqrt(sq > 0 ? sq : Acc(0));
 }
 // d(distance)/d(s) = -1 / distance; 0 at distance 0 (torch.cdist's gradient there).
 template <class Acc>
-inline Acc distance_slope(Acc d) {
+FL_HD Acc distance_slope(Acc d) {
   return d > 0 ? -Acc(1) / d : Acc(0);
 }
 
@@ -212,11 +217,11 @@ inline void ms_thresholds(const Row<Acc>& r, Acc& min_pos, Acc& max_neg) {
 }
 
 template <class Acc>
-inline bool ms_keep_positive(const MsParams<Acc>& q, Acc s, Acc max_neg) {
+FL_HD bool ms_keep_positive(const MsParams<Acc>& q, Acc s, Acc max_neg) {
   return !q.mining || s - q.eps < max_neg;
 }
 template <class Acc>
-inline bool ms_keep_negative(const MsParams<Acc>& q, Acc s, Acc min_pos) {
+FL_HD bool ms_keep_negative(const MsParams<Acc>& q, Acc s, Acc min_pos) {
   return !q.mining || s + q.eps > min_pos;
 }
 
@@ -262,9 +267,12 @@ FL_CPU_INLINE void multi_similarity_backward(const Row<Acc>& r, const Acc* stats
 template <class Acc>
 struct CircleParams {
   Acc gamma, op, on, delta_p, delta_n;
-  explicit CircleParams(Acc m, Acc g) : gamma(g), op(1 + m), on(-m), delta_p(1 - m), delta_n(m) {}
-  Acc pos_logit(Acc s) const { return -gamma * std::max(op - s, Acc(0)) * (s - delta_p); }
-  Acc neg_logit(Acc s) const { return gamma * std::max(s - on, Acc(0)) * (s - delta_n); }
+  explicit FL_HD CircleParams(Acc m, Acc g) : gamma(g), op(1 + m), on(-m), delta_p(1 - m), delta_n(m) {}
+  FL_HD Acc pos_logit(Acc s) const { return -gamma * std::max(op - s, Acc(0)) * (s - delta_p); }
+  FL_HD Acc neg_logit(Acc s) const { return gamma * std::max(s - on, Acc(0)) * (s - delta_n); }
+  // d(logit)/ds with the relu weights detached (PML detaches alpha_p and alpha_n).
+  FL_HD Acc pos_slope(Acc s) const { return -gamma * std::max(op - s, Acc(0)); }
+  FL_HD Acc neg_slope(Acc s) const { return gamma * std::max(s - on, Acc(0)); }
 };
 
 template <class Acc>
@@ -293,8 +301,8 @@ void circle_backward(const Row<Acc>& r, const Acc* stats, Acc g, const CirclePar
   for (int64_t j = 0; j < r.m; ++j) {
     const Acc s = r.s[j];
     if (!live || r.cls[j] == kExcluded) w[j] = 0;
-    else if (r.cls[j] == kPositive) w[j] = outer * std::exp(q.pos_logit(s) - stats[0]) * (-q.gamma * std::max(q.op - s, Acc(0)));
-    else w[j] = outer * std::exp(q.neg_logit(s) - stats[1]) * (q.gamma * std::max(s - q.on, Acc(0)));
+    else if (r.cls[j] == kPositive) w[j] = outer * std::exp(q.pos_logit(s) - stats[0]) * q.pos_slope(s);
+    else w[j] = outer * std::exp(q.neg_logit(s) - stats[1]) * q.neg_slope(s);
   }
 }
 
@@ -302,11 +310,11 @@ void circle_backward(const Row<Acc>& r, const Acc* stats, Acc g, const CirclePar
 // terms[0], counts[0]: positive pairs (sum, number > 0); terms[1], counts[1]: negative pairs.
 
 template <class Acc>
-inline Acc contrastive_pos(bool cosine, Acc pos_margin, Acc s, Acc d) {
+FL_HD Acc contrastive_pos(bool cosine, Acc pos_margin, Acc s, Acc d) {
   return std::max(cosine ? pos_margin - s : d - pos_margin, Acc(0));
 }
 template <class Acc>
-inline Acc contrastive_neg(bool cosine, Acc neg_margin, Acc s, Acc d) {
+FL_HD Acc contrastive_neg(bool cosine, Acc neg_margin, Acc s, Acc d) {
   return std::max(cosine ? s - neg_margin : neg_margin - d, Acc(0));
 }
 
@@ -350,9 +358,9 @@ template <class Acc>
 struct TripletParams {
   Acc margin, mining_margin;
   TripletMining mining;
-  Acc violation(Acc d_ap, Acc d_an) const { return (d_ap - d_an) + margin; }
+  FL_HD Acc violation(Acc d_ap, Acc d_an) const { return (d_ap - d_an) + margin; }
   // Semi-hard: 0 < d_an - d_ap <= mining_margin (PML's triplet_margin = an - ap).
-  bool semi_hard(Acc d_ap, Acc d_an) const {
+  FL_HD bool semi_hard(Acc d_ap, Acc d_an) const {
     const Acc gap = d_an - d_ap;
     return gap > 0 && gap <= mining_margin;
   }

@@ -2,7 +2,8 @@
 
   InfoNCE / CLIP   fastloss.metric.info_nce vs plain PyTorch (normalize, materialized logits,
                    F.cross_entropy; symmetric: both directions) and torch.compile of it.
-                   (Inf-CL needs Triton and a GPU: not on the CPU.)
+                   On CUDA also the CLIP goal: symmetric, bfloat16, B = 65,536 (and 16,384 with every
+                   peer), d = 768, against Inf-CL's two-call symmetric loss where `inf-cl` imports.
   label losses     fastloss.metric.* vs pytorch-metric-learning's loss (+ miner where the loss
                    has one fused): MultiSimilarityLoss + MultiSimilarityMiner, SupConLoss,
                    NTXentLoss, CircleLoss, ContrastiveLoss, TripletMarginLoss (all triplets and
@@ -58,6 +59,56 @@ def _info_nce_problems(device: torch.device, quick: bool, compile_peer: bool) ->
                       contenders=[Contender(n, f) for n, f in calls.items()], bytes_floor=4 * b * d * 4, check=check)  # fmt: skip
 
 
+TENSOR_FLOPS_H100 = 989e12  # bf16 dense
+
+
+def _inf_cl():
+    module = optional_import("inf_cl")
+    return None if module is None else getattr(module, "cal_inf_loss", None)
+
+
+def _clip_gpu_problems(device: torch.device, quick: bool, compile_peer: bool) -> Iterator[Problem]:
+    """Symmetric CLIP in bfloat16 at the issue's size; the floor is 4 similarity-sized products (a
+    forward and a recomputing backward) at the tensor-core peak."""
+    if device.type != "cuda":
+        return
+    inf_cl = _inf_cl()
+    d = 768
+    for b in ((4096,) if quick else (16384, 65536)):
+        g = torch.Generator().manual_seed(2)
+        q = torch.randn(b, d, generator=g).to(device, torch.bfloat16)
+        k = torch.randn(b, d, generator=g).to(device, torch.bfloat16)
+        scale = 1 / 0.07
+
+        def eager(q, k):
+            logits = F.normalize(q, dim=1) @ F.normalize(k, dim=1).T * scale
+            target = torch.arange(q.shape[0], device=q.device)
+            return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+        calls = {"fastloss": _grad(lambda q, k: M.info_nce(q, k, symmetric=True), q, k)}
+        if inf_cl is not None:
+            scale_t = torch.tensor(scale, device=device)
+
+            def inf_cl_symmetric(q, k):  # Inf-CL computes one direction a call, on normalized inputs
+                qn, kn = F.normalize(q, dim=1), F.normalize(k, dim=1)
+                return 0.5 * (inf_cl(qn, kn, scale=scale_t) + inf_cl(kn, qn, scale=scale_t))
+
+            calls["inf-cl (two calls)"] = _grad(inf_cl_symmetric, q, k)
+        if b <= 16384:  # the materialized logits and their gradients: about 12 B^2 bytes
+            calls["torch eager"] = _grad(eager, q, k)
+            if compile_peer:
+                calls["torch.compile"] = _grad(torch.compile(eager, dynamic=False), q, k)
+
+        def check(q=q, k=k):
+            ours = M.info_nce(q[:2048], k[:2048], symmetric=True).double()
+            want = eager(q[:2048].double(), k[:2048].double())
+            return float((ours - want).abs() / want.abs())
+
+        yield Problem(label=f"CLIP symmetric B={b} d={d}", dtype=torch.bfloat16,
+                      contenders=[Contender(n, f) for n, f in calls.items()], bytes_floor=4 * b * d * 2, check=check,
+                      floor_ms=4 * 2.0 * b * b * d / TENSOR_FLOPS_H100 * 1e3, floor_kind="tensor-core FLOP")  # fmt: skip
+
+
 def _label_problems(device: torch.device, quick: bool, compile_peer: bool) -> Iterator[Problem]:
     pml = optional_import("pytorch_metric_learning")
     if pml is None:
@@ -88,8 +139,8 @@ def _label_problems(device: torch.device, quick: bool, compile_peer: bool) -> It
         else:
             y = torch.randint(0, classes, (b,), generator=g).to(device)
 
-        def check(ours=ours, theirs=theirs, e=e, y=y):
-            a, c = ours(e.double(), y), theirs(e.double(), y)
+        def check(ours=ours, theirs=theirs, e=e, y=y):  # (the CUDA kernels take float32 at most)
+            a, c = ours(e if e.is_cuda else e.double(), y).double(), theirs(e.double(), y)
             return float((a - c).abs() / c.abs().clamp_min(1e-30))
 
         yield Problem(label=f"{name} B={b} d={d} classes={classes}", dtype=torch.float32,
@@ -100,3 +151,4 @@ def _label_problems(device: torch.device, quick: bool, compile_peer: bool) -> It
 
 register(BenchCase(family="metric", name="metric info_nce fwd+bwd", make=_info_nce_problems))
 register(BenchCase(family="metric", name="metric label losses fwd+bwd", make=_label_problems))
+register(BenchCase(family="metric", name="metric clip bf16 fwd+bwd", make=_clip_gpu_problems))

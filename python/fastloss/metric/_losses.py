@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import _library as L
 from .. import _validate as V
 from . import _distributed
 from . import _ops
@@ -33,6 +34,15 @@ def _labels(fn: str, name: str, labels, length: int, device) -> torch.Tensor:
     if labels.device != device:
         raise ValueError(f"fastloss.{fn}: argument '{name}' is on {labels.device}, the embeddings on {device}")
     return labels.to(torch.int64)
+
+
+def _normalized(t: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """Embeddings as the kernels take them: l2-normalized in float32 (float64 stays float64). On the
+    CPU the kernels compute in that type; on CUDA 16-bit embeddings are rounded back to their type
+    after the normalization, so the tensor cores read them as 16-bit."""
+    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    out = F.normalize(t.to(acc), dim=1) if normalize else t.to(acc)
+    return out.to(t.dtype) if t.is_cuda and t.dtype in (torch.float16, torch.bfloat16) else out
 
 
 def _wants_grad(*tensors) -> bool:
@@ -70,13 +80,11 @@ class _Pairs:
                              f"many rows as the embeddings ({embeddings.shape[0]}), got {ref_emb.shape[0]}")  # fmt: skip
         if ref_emb is not None and not self_paired:
             ref_labels = _labels(fn, "ref_labels", ref_labels, ref_emb.shape[0], ref_emb.device)
-        # 16-bit embeddings are normalized in float32 (the kernels compute in float32 anyway).
-        acc = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
-        x = F.normalize(embeddings.to(acc), dim=1) if normalize else embeddings.to(acc)
+        x = _normalized(embeddings, normalize)
         if ref_emb is None:
             y, y_labels, self_offset = x, self.labels, 0
         else:
-            y = F.normalize(ref_emb.to(acc), dim=1) if normalize else ref_emb.to(acc)
+            y = _normalized(ref_emb, normalize)
             y_labels, self_offset = (self.labels, 0) if self_paired else (ref_labels, -1)
         self.empty = x.shape[0] == 0 or y.shape[0] == 0
         self.group = _distributed.Group(fn, process_group)
@@ -254,10 +262,7 @@ def _query_key(fn, query, key, normalize):
     if query.shape[1] != key.shape[1] or query.dtype != key.dtype:
         raise ValueError(f"fastloss.{fn}: query {tuple(query.shape)} {query.dtype} and key {tuple(key.shape)} "
                          f"{key.dtype} must share dim and dtype")  # fmt: skip
-    acc = torch.float64 if query.dtype == torch.float64 else torch.float32  # 16-bit: normalized in float32
-    query, key = query.to(acc), key.to(acc)
-    if normalize:
-        return F.normalize(query, dim=1), F.normalize(key, dim=1)
+    return _normalized(query, normalize), _normalized(key, normalize)
     return query, key
 
 
@@ -268,7 +273,9 @@ def _targets(fn, labels, n, m, device):
                              f"{n} rows, got {m}")  # fmt: skip
         return None
     targets = _labels(fn, "labels", labels, n, device)
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= m):
+    # On CUDA the check reads the labels back (a sync); with fastloss.set_target_checks(False), under
+    # torch.compile or in graph capture it is skipped and a row whose label is out of range is NaN.
+    if targets.numel() and L.may_inspect_values(targets) and (int(targets.min()) < 0 or int(targets.max()) >= m):
         raise ValueError(f"fastloss.{fn}: 'labels' (the positive key of each query) must be in [0, {m}), got "
                          f"[{int(targets.min())}, {int(targets.max())}]")  # fmt: skip
     return targets

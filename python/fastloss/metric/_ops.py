@@ -8,7 +8,10 @@
 
 The row and column terms are differentiable (``register_autograd``); the reductions PML applies
 (mean, mean of the nonzero terms) are done in torch by ``fastloss.metric`` from terms and counts.
-Inputs are computed in float32 on the CPU when they are 16-bit, in float64 when float64.
+Inputs are computed in float32 on the CPU when they are 16-bit, in float64 when float64. On CUDA,
+float32, float16 and bfloat16 inputs are read as they are (16-bit ones by the tensor cores) and every
+output is float32; float64 is refused there. The CUDA kernels take a workspace (the chunk of rows of S
+they work on), allocated here from the caching allocator.
 """
 
 from __future__ import annotations
@@ -32,6 +35,39 @@ def _ptr(t: torch.Tensor | None) -> int:
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _kernel_inputs(x: torch.Tensor, y: torch.Tensor, device: str):
+    """x and y as the kernels read them: the CPU computes in the accumulator type; CUDA reads the
+    storage type (its kernels refuse float64 with a clear error)."""
+    if device == "cuda":
+        return x.contiguous(), y.contiguous()
+    acc = _compute_dtype(x)
+    return x.to(acc).contiguous(), y.to(acc).contiguous()
+
+
+def _workspace(problem, device: str, gradient: bool, like: torch.Tensor) -> tuple[int, int, torch.Tensor | None]:
+    """(pointer, bytes, tensor keeping it alive) of the CUDA kernels' workspace; none on the CPU."""
+    if device != "cuda":
+        return 0, 0, None
+    nbytes = _C.metric_cuda_workspace_bytes(problem, gradient)
+    buffer = torch.empty(nbytes, dtype=torch.uint8, device=like.device)
+    return (buffer.data_ptr() if nbytes else 0), nbytes, buffer
+
+
+def _check_index_values(x, y, targets, pos_ptr, pos_idx) -> None:
+    """Index contents on CUDA, read on the host when that is allowed (fastloss.set_target_checks);
+    the CPU kernels check them themselves. Unchecked, an index outside [0, m) makes its row NaN
+    (targets) or is skipped (positive lists)."""
+    if x.device.type != "cuda" or not L.may_inspect_values(x):
+        return
+    m = y.shape[0]
+    for name, t in (("targets", targets), ("pos_idx", pos_idx)):
+        if t is not None and t.numel() and bool(((t < 0) | (t >= m)).any()):
+            raise ValueError(f"fastloss.metric: '{name}' holds an index outside [0, {m})")
+    if pos_ptr is not None and pos_ptr.numel() and (bool((pos_ptr.diff() < 0).any()) or int(pos_ptr[0]) != 0
+                                                    or int(pos_ptr[-1]) > (0 if pos_idx is None else pos_idx.numel())):
+        raise ValueError("fastloss.metric: 'pos_ptr' must start at 0, not decrease and end within pos_idx")
 
 
 def _problem(x, y, labels_x, labels_y, targets, pos_ptr, pos_idx, scale, self_offset, kind, p1, p2, p3, option,
@@ -63,14 +99,13 @@ def _check_indices(x, y, labels_x, labels_y, targets, pos_ptr, pos_idx) -> None:
 def _forward(x, y, labels_x, labels_y, targets, pos_ptr, pos_idx, scale, self_offset, kind, p1, p2, p3, option,
              symmetric, with_grad=False, *, device):  # fmt: skip
     _check_indices(x, y, labels_x, labels_y, targets, pos_ptr, pos_idx)
-    if device == "cuda":
-        raise NotImplementedError("fastloss.metric: the CUDA kernels of the metric family are not written yet; "
-                                  "call it on CPU tensors")  # fmt: skip
+    _check_index_values(x, y, targets, pos_ptr, pos_idx)
     acc = _compute_dtype(x)
-    xc, yc = (t.to(acc).contiguous() for t in (x, y))
+    xc, yc = _kernel_inputs(x, y, device)
     labels_x, labels_y, targets, pos_ptr, pos_idx = _contiguous(labels_x, labels_y, targets, pos_ptr, pos_idx)
     problem = _problem(xc, yc, labels_x, labels_y, targets, pos_ptr, pos_idx, scale, self_offset, kind, p1, p2, p3,
                        option, symmetric)  # fmt: skip
+    workspace, workspace_bytes, _buffer = _workspace(problem, device, with_grad, xc)
     n, m = xc.shape[0], yc.shape[0]
     terms = L.empty((n, ROW_TERMS), acc, xc.device)
     counts = L.empty((n, ROW_TERMS), acc, xc.device)
@@ -82,7 +117,8 @@ def _forward(x, y, labels_x, labels_y, targets, pos_ptr, pos_idx, scale, self_of
     unit_scale = L.empty((1,) if with_grad else (0,), acc, xc.device)
     active = L.empty((n if with_grad else 0,), acc, xc.device)
     L.launch("metric_forward", device, terms, problem, _ptr(terms), _ptr(counts), _ptr(stats), _ptr(col_terms),
-             _ptr(col_stats), _ptr(unit_x), _ptr(unit_y), _ptr(unit_scale), _ptr(active))  # fmt: skip
+             _ptr(col_stats), _ptr(unit_x), _ptr(unit_y), _ptr(unit_scale), _ptr(active), workspace,
+             workspace_bytes)  # fmt: skip
     return terms, counts, stats, col_terms, col_stats, unit_x, unit_y, unit_scale, active
 
 
@@ -99,20 +135,20 @@ def _forward_fake(x, y, labels_x, labels_y, targets, pos_ptr, pos_idx, scale, se
 
 def _backward(grad_row, grad_col, row_stats, col_stats, x, y, labels_x, labels_y, targets, pos_ptr, pos_idx, scale,
               self_offset, kind, p1, p2, p3, option, symmetric, with_grad=False, *, device):  # fmt: skip
-    if device == "cuda":
-        raise NotImplementedError("fastloss.metric: the CUDA kernels of the metric family are not written yet")
     acc = _compute_dtype(x)
-    xc, yc = (t.to(acc).contiguous() for t in (x, y))
+    xc, yc = _kernel_inputs(x, y, device)
     labels_x, labels_y, targets, pos_ptr, pos_idx = _contiguous(labels_x, labels_y, targets, pos_ptr, pos_idx)
     problem = _problem(xc, yc, labels_x, labels_y, targets, pos_ptr, pos_idx, scale, self_offset, kind, p1, p2, p3,
                        option, symmetric)  # fmt: skip
+    workspace, workspace_bytes, _buffer = _workspace(problem, device, True, xc)
     grad_x = L.empty(xc.shape, acc, xc.device)
     grad_y = L.empty(yc.shape, acc, xc.device)
     grad_scale = L.empty((), acc, xc.device)
     grad_row = grad_row.to(acc).contiguous()
     grad_col = grad_col.to(acc).contiguous()
     L.launch("metric_backward", device, grad_x, problem, _ptr(row_stats.contiguous()), _ptr(col_stats.contiguous()),
-             _ptr(grad_row), _ptr(grad_col), _ptr(grad_x), _ptr(grad_y), grad_scale.data_ptr())  # fmt: skip
+             _ptr(grad_row), _ptr(grad_col), _ptr(grad_x), _ptr(grad_y), grad_scale.data_ptr(), workspace,
+             workspace_bytes)  # fmt: skip
     return grad_x.to(x.dtype), grad_y.to(y.dtype), grad_scale.to(scale.dtype)
 
 

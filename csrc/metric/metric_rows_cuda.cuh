@@ -1,0 +1,451 @@
+// The losses of pair_losses.h on one query row, on the GPU: a team of threads per row (a warp when
+// rows are short, a whole block when they are long), each thread taking the columns j = rank,
+// rank + size, ... The per-pair math is pair_losses.h's (its FL_HD functions); the row's sums,
+// extrema and log-sum-exps become team reductions, in the same formulas and order of steps as the CPU
+// row functions. Every thread ends with the row's result; every w_j is written by the thread that
+// owns column j, so a row function may read back what it wrote without a barrier. Every reduction is
+// reached by the whole team (the branches around them depend on reduced values only).
+// Include only from .cu files.
+#pragma once
+
+#include <cfloat>
+#include <cstdint>
+#include <type_traits>
+
+#include "common/cuda_reduce.cuh"
+#include "common/fast_exp.h"
+#include "metric/metric_kernels.h"
+#include "metric/pair_losses.h"
+
+namespace fl::metric::cuda_rows {
+
+// A warp working on one row.
+struct WarpTeam {
+  static constexpr int kSize = 32;
+  int rank;
+  template <class T, class Combine>
+  __device__ __forceinline__ T reduce(T value, Combine combine) const {
+    return warp_allreduce<32>(value, combine);
+  }
+};
+
+// A block of Threads working on one row; `scratch` holds Threads / 32 values of the widest type
+// reduced (16 bytes).
+template <int Threads>
+struct BlockTeam {
+  static constexpr int kSize = Threads;
+  int rank;
+  void* scratch;
+  template <class T, class Combine>
+  __device__ __forceinline__ T reduce(T value, Combine combine) const {
+    static_assert(sizeof(T) <= 16, "scratch holds 16 bytes a warp");
+    return block_allreduce<Threads>(value, combine, static_cast<T*>(scratch));
+  }
+};
+
+template <class Team>
+__device__ __forceinline__ float team_sum(const Team& t, float v) {
+  return t.reduce(v, [](float a, float b) { return a + b; });
+}
+template <class Team>
+__device__ __forceinline__ double team_sum(const Team& t, double v) {
+  return t.reduce(v, [](double a, double b) { return a + b; });
+}
+template <class Team>
+__device__ __forceinline__ float team_max(const Team& t, float v) {
+  return t.reduce(v, [](float a, float b) { return fmaxf(a, b); });
+}
+template <class Team>
+__device__ __forceinline__ float team_min(const Team& t, float v) {
+  return t.reduce(v, [](float a, float b) { return fminf(a, b); });
+}
+template <class Team>
+__device__ __forceinline__ bool team_any(const Team& t, bool v) {
+  return t.reduce(static_cast<int>(v), [](int a, int b) { return a | b; }) != 0;
+}
+
+// One row of the similarity chunk (the accumulator type on the GPU is float).
+struct DeviceRow {
+  const float* s;         // m similarities
+  const uint8_t* cls;     // m pair classes
+  int64_t m;
+  int64_t target;         // InfoNCE / AUC: the positive column
+  float x_sqnorm;         // euclidean losses: |x_i|^2 and the |y_j|^2 (null otherwise)
+  const float* y_sqnorm;
+  __device__ __forceinline__ float dist(int64_t j) const { return unit_distance(x_sqnorm, y_sqnorm[j], s[j]); }
+};
+
+// The columns j of team member t: rank, rank + size, ...
+#define FL_TEAM_COLUMNS(t, j, m) for (int64_t j = (t).rank; j < (m); j += std::decay_t<decltype(t)>::kSize)
+
+// row_lse of pair_losses.h: log(sum exp(value(j))) over keep(j), with PML's e^0 when add_one.
+template <class Team, class Value, class Keep>
+__device__ __forceinline__ float team_lse(const Team& t, const DeviceRow& r, Value value, Keep keep, bool add_one) {
+  float mx = add_one ? 0.0f : kNegInf<float>;
+  FL_TEAM_COLUMNS(t, j, r.m) {
+    const float v = value(j);
+    if (keep(j) && v > mx) mx = v;
+  }
+  mx = team_max(t, mx);
+  if (mx == kNegInf<float>) return mx;
+  float sum = 0.0f;
+  FL_TEAM_COLUMNS(t, j, r.m)
+    if (keep(j)) sum += fast_exp(value(j) - mx);
+  sum = team_sum(t, sum) + (add_one ? fast_exp(-mx) : 0.0f);
+  return mx + logf(sum);
+}
+
+// ---- forward: the row's terms, counts and statistics (RowResult of pair_losses.h) -------------------
+
+template <class Team>
+__device__ inline RowResult<float> info_nce_forward(const Team& t, const DeviceRow& r, float scale) {
+  RowResult<float> out;
+  const float lse = team_lse(t, r, [&](int64_t j) { return scale * r.s[j]; }, [](int64_t) { return true; }, false);
+  out.terms[0] = lse - scale * r.s[r.target];
+  out.counts[0] = 1;
+  out.stats[0] = lse;
+  return out;
+}
+
+template <class Team>
+__device__ inline RowResult<float> positives_vs_negatives_forward(const Team& t, const DeviceRow& r, float inv_t, bool per_row_mean) {
+  RowResult<float> out;
+  const float ln = team_lse(t, r, [&](int64_t j) { return r.s[j] * inv_t; },
+                            [&](int64_t j) { return r.cls[j] == kNegative; }, false);
+  float sum = 0, weight = 0, positives = 0, negatives = 0;
+  FL_TEAM_COLUMNS(t, j, r.m) {
+    if (r.cls[j] == kNegative) negatives += 1;
+    if (r.cls[j] != kPositive) continue;
+    positives += 1;
+    if (ln == kNegInf<float>) continue;  // no negative: the pair's loss is log(1) = 0
+    sum += softplus_acc(ln - r.s[j] * inv_t);
+    weight += sigmoid_acc(ln - r.s[j] * inv_t);
+  }
+  sum = team_sum(t, sum);
+  weight = team_sum(t, weight);
+  positives = team_sum(t, positives);
+  negatives = team_sum(t, negatives);
+  const float factor = per_row_mean ? (positives > 0 ? 1.0f / positives : 0.0f) : 1.0f;
+  out.terms[0] = factor * sum;
+  out.counts[0] = positives;
+  out.counts[1] = negatives;
+  out.stats[0] = ln;
+  out.stats[1] = factor * weight;
+  out.stats[2] = factor;
+  return out;
+}
+
+template <class Team>
+__device__ inline RowResult<float> supcon_forward(const Team& t, const DeviceRow& r, float inv_t) {
+  RowResult<float> out;
+  const float lse = team_lse(t, r, [&](int64_t j) { return r.s[j] * inv_t; },
+                             [&](int64_t j) { return r.cls[j] != kExcluded; }, false);
+  float positives = 0, negatives = 0, pos_sum = 0;
+  FL_TEAM_COLUMNS(t, j, r.m) {
+    if (r.cls[j] == kPositive) {
+      positives += 1;
+      pos_sum += r.s[j] * inv_t;
+    } else if (r.cls[j] == kNegative) {
+      negatives += 1;
+    }
+  }
+  positives = team_sum(t, positives);
+  negatives = team_sum(t, negatives);
+  pos_sum = team_sum(t, pos_sum);
+  out.terms[0] = positives > 0 ? lse - pos_sum / positives : 0.0f;
+  out.counts[0] = positives;
+  out.counts[1] = negatives;
+  out.stats[0] = lse;
+  out.stats[1] = positives;
+  return out;
+}
+
+template <class Team>
+__device__ inline RowResult<float> multi_similarity_forward(const Team& t, const DeviceRow& r, const MsParams<float>& q) {
+  RowResult<float> out;
+  float min_pos = FLT_MAX, max_neg = -FLT_MAX;  // ms_thresholds of pair_losses.h
+  FL_TEAM_COLUMNS(t, j, r.m) {
+    if (r.cls[j] == kPositive) min_pos = fminf(min_pos, r.s[j]);
+    if (r.cls[j] == kNegative) max_neg = fmaxf(max_neg, r.s[j]);
+  }
+  min_pos = team_min(t, min_pos);
+  max_neg = team_max(t, max_neg);
+  auto pos = [&](int64_t j) { return r.cls[j] == kPositive && ms_keep_positive(q, r.s[j], max_neg); };
+  auto neg = [&](int64_t j) { return r.cls[j] == kNegative && ms_keep_negative(q, r.s[j], min_pos); };
+  const float lse_pos = team_lse(t, r, [&](int64_t j) { return -q.alpha * (r.s[j] - q.base); }, pos, true);
+  const float lse_neg = team_lse(t, r, [&](int64_t j) { return q.beta * (r.s[j] - q.base); }, neg, true);
+  float kept_pos = 0, kept_neg = 0;
+  FL_TEAM_COLUMNS(t, j, r.m) {
+    kept_pos += pos(j) ? 1.0f : 0.0f;
+    kept_neg += neg(j) ? 1.0f : 0.0f;
+  }
+  out.counts[0] = team_sum(t, kept_pos);
+  out.counts[1] = team_sum(t, kept_neg);
+  out.terms[0] = lse_pos / q.alpha + lse_neg / q.beta;
+  out.stats[0] = lse_pos;
+  out.stats[1] = lse_neg;
+  out.stats[2] = min_pos;
+  out.stats[3] = max_neg;
+  return out;
+}
+
+template <class Team>
+__device__ inline RowResult<float> circle_forward(const Team& t, const DeviceRow& r, const CircleParams<float>& q) {
+  RowResult<float> out;
+  float positives = 0, negatives = 0;
+  FL_TEAM_COLUMNS(t, j, r.m) {
+    positives += r.cls[j] == kPositive ? 1.0f : 0.0f;
+    negatives += r.cls[j] == kNegative ? 1.0f : 0.0f;
+  }
+  out.counts[0] = team_sum(t, positives);
+  out.counts[1] = team_sum(t, negatives);
+  if (out.counts[0] == 0 || out.counts[1] == 0) return out;  // PML zeroes such rows
+  const float lse_pos = team_lse(t, r, [&](int64_t j) { return q.pos_logit(r.s[j]); },
+                                 [&](int64_t j) { return r.cls[j] == kPositive; }, false);
+  const float lse_neg = team_lse(t, r, [&](int64_t j) { return q.neg_logit(r.s[j]); },
+                                 [&](int64_t j) { return r.cls[j] == kNegative; }, false);
+  out.terms[0] = softplus_acc(lse_pos + lse_neg);
+  out.stats[0] = lse_pos;
+  out.stats[1] = lse_neg;
+  out.stats[2] = 1;  // live row
+  return out;
+}
+
+template <class Team>
+__device__ inline RowResult<float> contrastive_forward(const Team& t, const DeviceRow& r, float pos_margin, float neg_margin,
+                                                       bool cosine) {
+  RowResult<float> out;
+  float pos_sum = 0, neg_sum = 0, pos_count = 0, neg_count = 0;
+  FL_TEAM_COLUMNS(t, j, r.m) {
+    const float d = cosine ? 0.0f : r.dist(j);
+    if (r.cls[j] == kPositive) {
+      const float loss = contrastive_pos(cosine, pos_margin, r.s[j], d);
+      pos_sum += loss;
+      pos_count += loss > 0 ? 1.0f : 0.0f;
+    } else if (r.cls[j] == kNegative) {
+      const float loss = contrastive_neg(cosine, neg_margin, r.s[j], d);
+      neg_sum += loss;
+      neg_count += loss > 0 ? 1.0f : 0.0f;
+    }
+  }
+  out.terms[0] = team_sum(t, pos_sum);
+  out.terms[1] = team_sum(t, neg_sum);
+  out.counts[0] = team_sum(t, pos_count);
+  out.counts[1] = team_sum(t, neg_count);
+  return out;
+}
+
+// Batch hard: the farthest positive and the nearest negative, the first column on ties (as
+// batch_hard_pair of pair_losses.h); -1 when there is none.
+template <class Team>
+__device__ inline void batch_hard_pair(const Team& t, const DeviceRow& r, int64_t& hard_pos, int64_t& hard_neg) {
+  struct Pick {
+    float d;
+    int64_t j;
+  };
+  Pick far{-FLT_MAX, -1}, near{FLT_MAX, -1};
+  FL_TEAM_COLUMNS(t, j, r.m) {  // a thread sees its columns in increasing order
+    if (r.cls[j] == kPositive && (far.j < 0 || r.dist(j) > far.d)) far = Pick{r.dist(j), j};
+    if (r.cls[j] == kNegative && (near.j < 0 || r.dist(j) < near.d)) near = Pick{r.dist(j), j};
+  }
+  auto first_of = [](const Pick& a, const Pick& b, bool larger) {
+    if (a.j < 0) return b;
+    if (b.j < 0) return a;
+    if (a.d != b.d) return (larger ? a.d > b.d : a.d < b.d) ? a : b;
+    return a.j < b.j ? a : b;
+  };
+  far = t.reduce(far, [&](const Pick& a, const Pick& b) { return first_of(a, b, true); });
+  near = t.reduce(near, [&](const Pick& a, const Pick& b) { return first_of(a, b, false); });
+  hard_pos = far.j;
+  hard_neg = near.j;
+}
+
+// Whether (positive at d_ap, negative at d_an) is a counted triplet: violated, and semi-hard when
+// that mining is on (the conditions of TripletScratch in pair_losses.h).
+__device__ __forceinline__ bool counted_triplet(const TripletParams<float>& q, float d_ap, float d_an) {
+  return q.violation(d_ap, d_an) > 0 && (q.mining != TripletMining::SemiHard || q.semi_hard(d_ap, d_an));
+}
+
+// All / semi-hard triplets by pairs: O(|P_i| m) per row, where the CPU sorts the row (a per-row sort
+// does not suit a team); the sums are the same up to rounding, kept in double.
+template <class Team>
+__device__ inline RowResult<float> triplet_forward(const Team& t, const DeviceRow& r, const TripletParams<float>& q) {
+  RowResult<float> out;
+  if (q.mining == TripletMining::BatchHard) {
+    int64_t hp, hn;
+    batch_hard_pair(t, r, hp, hn);
+    if (hp < 0 || hn < 0) return out;
+    const float v = q.violation(r.dist(hp), r.dist(hn));
+    out.terms[0] = v > 0 ? v : 0.0f;
+    out.counts[0] = v > 0 ? 1.0f : 0.0f;
+    return out;
+  }
+  double sum = 0, count = 0;
+  for (int64_t p = 0; p < r.m; ++p) {  // the whole team walks the positives (a uniform branch) ...
+    if (r.cls[p] != kPositive) continue;
+    const float d_ap = r.dist(p);
+    FL_TEAM_COLUMNS(t, j, r.m) {  // ... and splits the negatives
+      if (r.cls[j] != kNegative) continue;
+      const float d_an = r.dist(j);
+      if (counted_triplet(q, d_ap, d_an)) {
+        sum += static_cast<double>(q.violation(d_ap, d_an));
+        count += 1;
+      }
+    }
+  }
+  out.terms[0] = static_cast<float>(team_sum(t, sum));
+  out.counts[0] = static_cast<float>(team_sum(t, count));
+  return out;
+}
+
+template <class Team>
+__device__ inline RowResult<float> auc_forward(const Team& t, const DeviceRow& r, float inv_t) {
+  RowResult<float> out;
+  const float s_t = r.s[r.target];
+  float sum = 0, negatives = 0;
+  FL_TEAM_COLUMNS(t, j, r.m) {
+    if (j == r.target || r.cls[j] == kExcluded) continue;
+    sum += softplus_acc((r.s[j] - s_t) * inv_t);
+    negatives += 1;
+  }
+  sum = team_sum(t, sum);
+  negatives = team_sum(t, negatives);
+  out.terms[0] = negatives > 0 ? sum / negatives : 0.0f;
+  out.counts[0] = 1;
+  out.stats[0] = negatives;
+  return out;
+}
+
+// ---- backward: the row of W = dL/dS for the upstream gradient g (contrastive: grad[0], grad[1]) ----
+
+template <class Team>
+__device__ inline void info_nce_backward(const Team& t, const DeviceRow& r, const float* stats, float g, float scale, float* w) {
+  const float lse = stats[0], coef = g * scale;
+  FL_TEAM_COLUMNS(t, j, r.m)
+    w[j] = coef * fast_exp(scale * r.s[j] - lse) - (j == r.target ? coef : 0.0f);
+}
+
+template <class Team>
+__device__ inline void positives_vs_negatives_backward(const Team& t, const DeviceRow& r, const float* stats, float g, float inv_t,
+                                                       float* w) {
+  const float ln = stats[0], weight = stats[1], factor = stats[2];
+  FL_TEAM_COLUMNS(t, j, r.m) {
+    if (ln == kNegInf<float>) {  // no negative: every pair's loss is 0
+      w[j] = 0;
+      continue;
+    }
+    const float l = r.s[j] * inv_t;
+    const float e = fast_exp(l - ln);  // sigmoid(ln - l) = 1 / (1 + e)
+    const float pos = -g * factor * inv_t / (1.0f + e);
+    const float neg = g * weight * e * inv_t;
+    w[j] = r.cls[j] == kPositive ? pos : (r.cls[j] == kNegative ? neg : 0.0f);
+  }
+}
+
+template <class Team>
+__device__ inline void supcon_backward(const Team& t, const DeviceRow& r, const float* stats, float g, float inv_t, float* w) {
+  const float lse = stats[0], positives = stats[1];
+  const float inv_pos = positives > 0 ? 1.0f / positives : 0.0f;
+  FL_TEAM_COLUMNS(t, j, r.m) {
+    const float softmax = fast_exp(r.s[j] * inv_t - lse);
+    const float value = g * (softmax - (r.cls[j] == kPositive ? inv_pos : 0.0f)) * inv_t;
+    w[j] = positives == 0 || r.cls[j] == kExcluded ? 0.0f : value;
+  }
+}
+
+template <class Team>
+__device__ inline void multi_similarity_backward(const Team& t, const DeviceRow& r, const float* stats, float g,
+                                                 const MsParams<float>& q, float* w) {
+  const float lse_pos = stats[0], lse_neg = stats[1], min_pos = stats[2], max_neg = stats[3];
+  FL_TEAM_COLUMNS(t, j, r.m) {
+    const float s = r.s[j];
+    const bool pos = r.cls[j] == kPositive && ms_keep_positive(q, s, max_neg);
+    const bool neg = r.cls[j] == kNegative && ms_keep_negative(q, s, min_pos);
+    const float e_pos = -g * fast_exp(-q.alpha * (s - q.base) - lse_pos);
+    const float e_neg = g * fast_exp(q.beta * (s - q.base) - lse_neg);
+    w[j] = pos ? e_pos : (neg ? e_neg : 0.0f);
+  }
+}
+
+template <class Team>
+__device__ inline void circle_backward(const Team& t, const DeviceRow& r, const float* stats, float g, const CircleParams<float>& q,
+                                       float* w) {
+  const bool live = stats[2] != 0;
+  const float outer = live ? g * sigmoid_acc(stats[0] + stats[1]) : 0.0f;
+  FL_TEAM_COLUMNS(t, j, r.m) {
+    const float s = r.s[j];
+    if (!live || r.cls[j] == kExcluded) w[j] = 0;
+    else if (r.cls[j] == kPositive) w[j] = outer * expf(q.pos_logit(s) - stats[0]) * q.pos_slope(s);
+    else w[j] = outer * expf(q.neg_logit(s) - stats[1]) * q.neg_slope(s);
+  }
+}
+
+template <class Team>
+__device__ inline void contrastive_backward(const Team& t, const DeviceRow& r, const float* grad, float pos_margin, float neg_margin,
+                                            bool cosine, float* w) {
+  FL_TEAM_COLUMNS(t, j, r.m) {
+    float value = 0;
+    const float d = cosine ? 0.0f : r.dist(j);
+    if (r.cls[j] == kPositive && contrastive_pos(cosine, pos_margin, r.s[j], d) > 0)
+      value = grad[0] * (cosine ? -1.0f : distance_slope(d));
+    else if (r.cls[j] == kNegative && contrastive_neg(cosine, neg_margin, r.s[j], d) > 0)
+      value = grad[1] * (cosine ? 1.0f : -distance_slope(d));
+    w[j] = value;
+  }
+}
+
+template <class Team>
+__device__ inline void triplet_backward(const Team& t, const DeviceRow& r, float g, const TripletParams<float>& q, float* w) {
+  if (q.mining == TripletMining::BatchHard) {
+    int64_t hp, hn;
+    batch_hard_pair(t, r, hp, hn);
+    const bool live = hp >= 0 && hn >= 0 && q.violation(r.dist(hp), r.dist(hn)) > 0;
+    FL_TEAM_COLUMNS(t, j, r.m) {
+      float value = 0;
+      if (live && j == hp) value += g * distance_slope(r.dist(hp));
+      if (live && j == hn) value -= g * distance_slope(r.dist(hn));
+      w[j] = value;
+    }
+    return;
+  }
+  // A positive's weight counts its negatives, a negative's its positives. The counts gather in w:
+  // for each positive p (the whole team walks them), every thread counts its own negatives j that
+  // form a triplet with p (w_j += 1) and the team sums them into p's count, which the thread owning
+  // column p stores. O(|P_i| m / team) per row, as the forward.
+  FL_TEAM_COLUMNS(t, j, r.m) w[j] = 0;
+  for (int64_t p = 0; p < r.m; ++p) {
+    if (r.cls[p] != kPositive) continue;
+    const float d_ap = r.dist(p);
+    float mine = 0;
+    FL_TEAM_COLUMNS(t, j, r.m) {
+      if (r.cls[j] == kNegative && counted_triplet(q, d_ap, r.dist(j))) {
+        w[j] += 1;
+        mine += 1;
+      }
+    }
+    const float negatives = team_sum(t, mine);
+    if (t.rank == p % std::decay_t<decltype(t)>::kSize) w[p] = negatives;
+  }
+  FL_TEAM_COLUMNS(t, j, r.m) {
+    const float slope = distance_slope(r.dist(j));
+    w[j] = r.cls[j] == kPositive ? g * w[j] * slope : (r.cls[j] == kNegative ? -g * w[j] * slope : 0.0f);
+  }
+}
+
+template <class Team>
+__device__ inline void auc_backward(const Team& t, const DeviceRow& r, const float* stats, float g, float inv_t, float* w) {
+  const float negatives = stats[0];
+  const float s_t = r.s[r.target];
+  float total = 0;
+  FL_TEAM_COLUMNS(t, j, r.m) {
+    float value = 0;
+    if (j != r.target && r.cls[j] != kExcluded && negatives != 0)
+      value = g * sigmoid_acc((r.s[j] - s_t) * inv_t) * inv_t / negatives;
+    w[j] = value;
+    total += value;
+  }
+  total = team_sum(t, total);
+  if (t.rank == r.target % Team::kSize) w[r.target] = -total;  // the thread that owns the target column
+}
+
+}  // namespace fl::metric::cuda_rows
