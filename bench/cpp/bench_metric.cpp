@@ -1,12 +1,11 @@
 // CPU cases of the metric family: one loss's forward (row terms) and backward (dX, dY) through
 // metric/metric_kernels.h on unit-norm random embeddings, with labels from 100 classes.
-#include <cmath>
 #include <memory>
-#include <random>
 #include <string>
 #include <vector>
 
 #include "bench_data.h"
+#include "bench_metric.h"
 #include "harness.h"
 #include "metric/metric_kernels.h"
 #include "registry.h"
@@ -17,52 +16,20 @@ namespace {
 
 using fl::metric::LossKind;
 
-struct Shape {
-  const char* name;
-  LossKind kind;
-  int64_t batch, dim;
-  double p0, p1, p2, p3;
-  int option;
-};
-
 class CpuPairLoss final : public PreparedCase {
  public:
   CpuPairLoss(const DeviceContext&, const Shape& shape)
       : shape_(shape),
         n_(shape.batch),
-        x_(static_cast<size_t>(n_ * shape.dim)),
-        labels_(static_cast<size_t>(n_)),
+        x_(unit_rows<float>(n_, shape.dim, 20261123)),
+        labels_(random_labels(n_, 20261124)),
         terms_(static_cast<size_t>(n_ * fl::metric::kRowTerms)),
         counts_(terms_.size()),
         stats_(static_cast<size_t>(n_ * fl::metric::kRowStats)),
         grad_row_(terms_.size(), 1.0f / static_cast<float>(n_)),
         grad_x_(x_.size()),
         grad_y_(x_.size()) {
-    std::mt19937_64 rng(20261123);
-    std::normal_distribution<float> normal(0.f, 1.f);
-    std::uniform_int_distribution<int64_t> label(0, 99);
-    for (int64_t i = 0; i < n_; ++i) {
-      float norm = 0.f;
-      for (int64_t t = 0; t < shape.dim; ++t) {
-        const float v = normal(rng);
-        x_[static_cast<size_t>(i * shape.dim + t)] = v;
-        norm += v * v;
-      }
-      for (int64_t t = 0; t < shape.dim; ++t) x_[static_cast<size_t>(i * shape.dim + t)] /= std::sqrt(norm);
-      labels_[static_cast<size_t>(i)] = label(rng);
-    }
-    p_.dtype = fl::DType::Float32;
-    p_.n = p_.m = n_;
-    p_.dim = shape.dim;
-    p_.x = p_.y = x_.data();
-    p_.labels_x = p_.labels_y = labels_.data();
-    p_.self_offset = shape.kind == LossKind::InfoNCE ? -1 : 0;
-    p_.kind = shape.kind;
-    p_.p0 = shape.p0;
-    p_.p1 = shape.p1;
-    p_.p2 = shape.p2;
-    p_.p3 = shape.p3;
-    p_.option = shape.option;
+    p_ = problem(shape, fl::DType::Float32, x_.data(), labels_.data());
   }
   void run() override {
     fl::metric::ForwardOut out;
@@ -98,10 +65,10 @@ class CpuPairLoss final : public PreparedCase {
 std::vector<CaseSpec> cpu_cases(bool quick) {
   const int64_t b = quick ? 128 : 4096, d = quick ? 32 : 128;
   const std::vector<Shape> shapes = {
-      {"info_nce", LossKind::InfoNCE, b, d, 1.0 / 0.07, 0, 0, 0, 0},
-      {"multi_similarity+mining", LossKind::MultiSimilarity, b, d, 2.0, 50.0, 0.5, 0.1, 1},
-      {"supcon", LossKind::SupCon, b, d, 0.1, 0, 0, 0, 0},
-      {"triplet_all", LossKind::Triplet, b, d, 0.05, 0.05, 0, 0, 0},
+      {"info_nce", LossKind::InfoNCE, b, d, 1.0 / 0.07, 0, 0, 0, 0, false},
+      {"multi_similarity+mining", LossKind::MultiSimilarity, b, d, 2.0, 50.0, 0.5, 0.1, 1, false},
+      {"supcon", LossKind::SupCon, b, d, 0.1, 0, 0, 0, 0, false},
+      {"triplet_all", LossKind::Triplet, b, d, 0.05, 0.05, 0, 0, 0, false},
   };
   std::vector<CaseSpec> cases;
   for (const Shape& shape : shapes) {
