@@ -468,23 +468,33 @@ def test_cuda_ref_emb_matches_the_cpu(case, cuda_chunks):
 
 
 @requires_cuda
-@pytest.mark.parametrize("symmetric", [False, True])
-@pytest.mark.parametrize("b", [1, 65, 130])
-def test_cuda_info_nce_equals_cross_entropy_with_the_scale_gradient(symmetric, b, cuda_chunks):
+@pytest.mark.parametrize("positives", ["diagonal", "labels", "symmetric"])
+@pytest.mark.parametrize("b", [1, 65, 130, 300])
+def test_cuda_info_nce_equals_cross_entropy_with_the_scale_gradient(positives, b, gradient_path, cuda_chunks):
+    """The fused-tile InfoNCE engine (csrc/metric/info_nce_cuda.cu): one-way with the diagonal or
+    label targets, and symmetric CLIP; a learnable logit scale; more keys than queries one-way."""
     g = torch.Generator().manual_seed(b + 5)
-    q, k = torch.randn(b, 40, generator=g, dtype=torch.float64), torch.randn(b, 40, generator=g, dtype=torch.float64)
+    keys = b if positives == "symmetric" else b + 37
+    q, k = torch.randn(b, 40, generator=g, dtype=torch.float64), torch.randn(keys, 40, generator=g, dtype=torch.float64)
+    target = torch.randint(0, keys, (b,), generator=g) if positives == "labels" else torch.arange(b)
+    weights = torch.rand(b, generator=g, dtype=torch.float64)
     log_scale = torch.tensor(2.5, dtype=torch.float64)
-    value, (gq, gk, gs) = cuda_grads(lambda a, c, s: M.info_nce(a, c, logit_scale=s.exp(), symmetric=symmetric),
-                                     q.float(), k.float(), log_scale.float())  # fmt: skip
-    leaves = [t.clone().requires_grad_() for t in (q, k, log_scale)]
-    logits = F.normalize(leaves[0], dim=1) @ F.normalize(leaves[1], dim=1).T * leaves[2].exp()
-    target = torch.arange(b)
-    want = F.cross_entropy(logits, target)
-    if symmetric:
-        want = (want + F.cross_entropy(logits.T, target)) / 2
-    for got, expected, what in zip((value, gq, gk, gs), (want,) + torch.autograd.grad(want, leaves),
-                                   ("loss", "dq", "dk", "dscale")):  # fmt: skip
-        assert_close(got.double().cpu(), expected, 5e-5, f"info_nce {what} on CUDA", atol=1e-8)
+    symmetric = positives == "symmetric"
+    labels = target.cuda() if positives == "labels" else None
+    for combine in (lambda v: v.mean(), lambda v: (v * weights.to(v)).sum()):  # uniform, then per-row weights
+        value, (gq, gk, gs) = cuda_grads(
+            lambda a, c, s: combine(M.info_nce(a, c, logit_scale=s.exp(), labels=labels, symmetric=symmetric,
+                                               reduction="none")),
+            q.float(), k.float(), log_scale.float())  # fmt: skip
+        leaves = [t.clone().requires_grad_() for t in (q, k, log_scale)]
+        logits = F.normalize(leaves[0], dim=1) @ F.normalize(leaves[1], dim=1).T * leaves[2].exp()
+        per_row = F.cross_entropy(logits, target, reduction="none")
+        if symmetric:
+            per_row = (per_row + F.cross_entropy(logits.T, target, reduction="none")) / 2
+        want = combine(per_row)
+        for got, expected, what in zip((value, gq, gk, gs), (want,) + torch.autograd.grad(want, leaves),
+                                       ("loss", "dq", "dk", "dscale")):  # fmt: skip
+            assert_close(got.double().cpu(), expected, 5e-5, f"info_nce {positives} {what} on CUDA", atol=1e-8)
 
 
 @requires_cuda

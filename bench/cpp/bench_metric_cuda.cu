@@ -4,6 +4,7 @@
 // (the forward with its fused gradient, as fastloss.metric runs it under autograd).
 #include <cuda_bf16.h>
 
+#include <algorithm>
 #include <memory>
 #include <string>
 #include <vector>
@@ -45,8 +46,8 @@ class CudaPairLoss final : public PreparedCase {
         grad_scale_(4),
         active_(static_cast<size_t>(n_) * 4) {
     p_ = problem(shape, DTypeOf<T>::value, x_.get(), static_cast<const int64_t*>(labels_.get()));
-    // Both passes use the same workspace: the larger, the gradient one.
-    workspace_bytes_ = fl::metric::cuda_workspace_bytes(p_, true);
+    // Both passes share one workspace, as large as the larger needs.
+    workspace_bytes_ = std::max(fl::metric::cuda_workspace_bytes(p_, false), fl::metric::cuda_workspace_bytes(p_, true));
     workspace_ = std::make_unique<DeviceBuffer>(static_cast<size_t>(workspace_bytes_));
   }
   void run() override {

@@ -42,8 +42,8 @@ struct Config {
   static constexpr bool kTensorCores = !std::is_same<TC, float>::value;
   static constexpr int kDepth = kTensorCores ? 32 : 16;  // K step
   // Padding of the shared rows against bank conflicts; WMMA needs row strides that are multiples of
-  // 8 16-bit elements (16 bytes).
-  static constexpr int kPad = kTensorCores ? 8 : 4;
+  // 8 16-bit elements (16 bytes). The FMA path reads single floats: an odd stride spreads the banks.
+  static constexpr int kPad = kTensorCores ? 8 : 1;
 };
 
 // A (rows x cols) operand tile in shared memory, stored with its global layout: Inner is the
@@ -107,54 +107,63 @@ __device__ __forceinline__ TC tile_at(const TC* smem, int r, int c) {
   return RowMajor ? smem[r * Shape::kLd + c] : smem[c * Shape::kLd + r];
 }
 
-// Writes one C element: alpha * acc + beta * C. C is not read when beta is 0 (it may hold anything).
-__device__ __forceinline__ void store_c(float* c, float acc, float alpha, float beta) {
-  *c = beta == 0.0f ? alpha * acc : alpha * acc + beta * *c;
-}
-
-struct Args {
+// The operands of a product: A (M x K) and B (K x N), each with the stride of its non-unit dimension.
+template <class TA, class TB>
+struct Operands {
+  const TA* a;
+  const TB* b;
   int64_t M, N, K;
-  int64_t lda, ldb;      // stride of the non-unit dimension of each operand
-  bool a_vec, b_vec;     // 16-byte loads allowed
-  float alpha, beta;
-  float* c;
-  int64_t ldc;
+  int64_t lda, ldb;
+  bool a_vec, b_vec;  // 16-byte loads allowed (base and stride keep 16-byte alignment)
 };
 
-template <class TC, class TA, class TB, bool ARow, bool BRow>
-struct Kernel {
+template <class TC, bool ARow, bool BRow>
+struct TileProduct {
   using Cfg = Config<TC>;
   static constexpr int kDepth = Cfg::kDepth;
-  using AShape = TileShape<TC, ARow, kTile, kDepth>;   // A tile: 128 (M) x depth (K)
-  using BShape = TileShape<TC, BRow, kDepth, kTile>;   // B tile: depth (K) x 128 (N)
+  using AShape = TileShape<TC, ARow, kTile, kDepth>;  // A tile: 128 (M) x depth (K)
+  using BShape = TileShape<TC, BRow, kDepth, kTile>;  // B tile: depth (K) x 128 (N)
   static constexpr int kStageElems = AShape::kElems + BShape::kElems;
-  static constexpr size_t kSmemBytes = 2 * kStageElems * sizeof(TC);
+  // The fp32 result tile, row stride kTileLd; it reuses the operand stages' memory.
+  static constexpr int kTileLd = kTile + 4;
+  static constexpr size_t kStagesBytes = 2 * kStageElems * sizeof(TC);
+  static constexpr size_t kTileBytes = size_t(kTile) * kTileLd * sizeof(float);
+  static constexpr size_t kSmemBytes = kStagesBytes > kTileBytes ? kStagesBytes : kTileBytes;
 };
 
-template <class TC, class TA, class TB, bool ARow, bool BRow>
-__global__ void __launch_bounds__(kThreads) gemm_kernel(const TA* __restrict__ a, const TB* __restrict__ b, Args args) {
-  using K = Kernel<TC, TA, TB, ARow, BRow>;
-  using AShape = typename K::AShape;
-  using BShape = typename K::BShape;
-  constexpr int kDepth = K::kDepth;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
-  TC* stages = reinterpret_cast<TC*>(smem_raw);
-  const int64_t row0 = static_cast<int64_t>(blockIdx.y) * kTile, col0 = static_cast<int64_t>(blockIdx.x) * kTile;
+// The 128 x 128 tile of A B at (row0, col0) in fp32, left in shared memory (the returned pointer,
+// row stride TileProduct::kTileLd; elements past M or N are 0) for every thread of the block.
+// `smem` holds TileProduct::kSmemBytes. The caller must not be reading a previous tile from `smem`
+// (a __syncthreads between an epilogue and the next call).
+template <class TC, bool ARow, bool BRow, class TA, class TB>
+__device__ __forceinline__ float* tile_product(const Operands<TA, TB>& op, int64_t row0, int64_t col0,
+                                               unsigned char* smem) {
+  using P = TileProduct<TC, ARow, BRow>;
+  using AShape = typename P::AShape;
+  using BShape = typename P::BShape;
+  constexpr int kDepth = P::kDepth;
+  TC* stages = reinterpret_cast<TC*>(smem);
+  float* tile = reinterpret_cast<float*>(smem);
 
   // The loaders' view of each operand: (outer, inner) with inner the unit-stride dimension.
   TileLoader<TA, TC, AShape> load_a;
   TileLoader<TB, TC, BShape> load_b;
   auto fetch = [&](int64_t k0) {
-    if (ARow) load_a.load(a + row0 * args.lda + k0, args.lda, args.M - row0, args.K - k0, args.a_vec);
-    else load_a.load(a + k0 * args.lda + row0, args.lda, args.K - k0, args.M - row0, args.a_vec);
-    if (BRow) load_b.load(b + k0 * args.ldb + col0, args.ldb, args.K - k0, args.N - col0, args.b_vec);
-    else load_b.load(b + col0 * args.ldb + k0, args.ldb, args.N - col0, args.K - k0, args.b_vec);
+    if (ARow) load_a.load(op.a + row0 * op.lda + k0, op.lda, op.M - row0, op.K - k0, op.a_vec);
+    else load_a.load(op.a + k0 * op.lda + row0, op.lda, op.K - k0, op.M - row0, op.a_vec);
+    if (BRow) load_b.load(op.b + k0 * op.ldb + col0, op.ldb, op.K - k0, op.N - col0, op.b_vec);
+    else load_b.load(op.b + col0 * op.ldb + k0, op.ldb, op.N - col0, op.K - k0, op.b_vec);
   };
   auto put = [&](int stage) {
-    load_a.store(stages + stage * K::kStageElems);
-    load_b.store(stages + stage * K::kStageElems + AShape::kElems);
+    load_a.store(stages + stage * P::kStageElems);
+    load_b.store(stages + stage * P::kStageElems + AShape::kElems);
   };
-  const int64_t steps = (args.K + kDepth - 1) / kDepth;
+  const int64_t steps = (op.K + kDepth - 1) / kDepth;
+  if (steps > 0) {
+    fetch(0);
+    put(0);
+  }
+  __syncthreads();
 
   if constexpr (Config<TC>::kTensorCores) {
     namespace wmma = nvcuda::wmma;
@@ -167,15 +176,10 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const TA* __restrict__ a
     for (int i = 0; i < 2; ++i)
 #pragma unroll
       for (int j = 0; j < 4; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
-    if (steps > 0) {
-      fetch(0);
-      put(0);
-    }
-    __syncthreads();
     for (int64_t step = 0; step < steps; ++step) {
       const int stage = static_cast<int>(step & 1);
       if (step + 1 < steps) fetch((step + 1) * kDepth);  // in flight while this step computes
-      const TC* a_s = stages + stage * K::kStageElems;
+      const TC* a_s = stages + stage * P::kStageElems;
       const TC* b_s = a_s + AShape::kElems;
 #pragma unroll
       for (int kk = 0; kk < kDepth; kk += 16) {
@@ -199,35 +203,22 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const TA* __restrict__ a
       if (step + 1 < steps) put(stage ^ 1);  // that stage's last readers finished before the barrier below
       __syncthreads();
     }
-    // Epilogue through a 16 x 16 fp32 staging square per warp (the stages are free now).
-    float* stage_c = reinterpret_cast<float*>(smem_raw) + warp * 256;
-    const int lane = static_cast<int>(threadIdx.x) % 32;
+    // The stages are free now (the barrier above): the result tile takes their place.
 #pragma unroll
     for (int i = 0; i < 2; ++i)
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        wmma::store_matrix_sync(stage_c, acc[i][j], 16, wmma::mem_row_major);
-        __syncwarp();
-        for (int e = lane; e < 256; e += 32) {
-          const int64_t r = row0 + wr * 32 + i * 16 + e / 16, c = col0 + wc * 64 + j * 16 + e % 16;
-          if (r < args.M && c < args.N) store_c(args.c + r * args.ldc + c, stage_c[e], args.alpha, args.beta);
-        }
-        __syncwarp();
-      }
+      for (int j = 0; j < 4; ++j)
+        wmma::store_matrix_sync(tile + (wr * 32 + i * 16) * P::kTileLd + wc * 64 + j * 16, acc[i][j], P::kTileLd,
+                                wmma::mem_row_major);
   } else {
     // FMA units: thread (ty, tx) owns rows ty + 16 r and columns tx + 16 c (r, c < 8): conflict-free
-    // shared reads, coalesced stores.
+    // shared reads.
     const int ty = static_cast<int>(threadIdx.x) / 16, tx = static_cast<int>(threadIdx.x) % 16;
     float acc[8][8] = {};
-    if (steps > 0) {
-      fetch(0);
-      put(0);
-    }
-    __syncthreads();
     for (int64_t step = 0; step < steps; ++step) {
       const int stage = static_cast<int>(step & 1);
       if (step + 1 < steps) fetch((step + 1) * kDepth);
-      const TC* a_s = stages + stage * K::kStageElems;
+      const TC* a_s = stages + stage * P::kStageElems;
       const TC* b_s = a_s + AShape::kElems;
 #pragma unroll 4
       for (int k = 0; k < kDepth; ++k) {
@@ -245,33 +236,65 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const TA* __restrict__ a
       __syncthreads();
     }
 #pragma unroll
-    for (int r = 0; r < 8; ++r) {
-      const int64_t row = row0 + ty + 16 * r;
+    for (int r = 0; r < 8; ++r)
 #pragma unroll
-      for (int c = 0; c < 8; ++c) {
-        const int64_t col = col0 + tx + 16 * c;
-        if (row < args.M && col < args.N) store_c(args.c + row * args.ldc + col, acc[r][c], args.alpha, args.beta);
-      }
-    }
+      for (int c = 0; c < 8; ++c) tile[(ty + 16 * r) * P::kTileLd + tx + 16 * c] = acc[r][c];
+  }
+  __syncthreads();
+  return tile;
+}
+
+// Writes one C element: alpha * acc + beta * C. C is not read when beta is 0 (it may hold anything).
+__device__ __forceinline__ void store_c(float* c, float acc, float alpha, float beta) {
+  *c = beta == 0.0f ? alpha * acc : alpha * acc + beta * *c;
+}
+
+template <class TC, bool ARow, bool BRow, class TA, class TB>
+__global__ void __launch_bounds__(kThreads) gemm_kernel(Operands<TA, TB> op, float alpha, float beta,
+                                                        float* __restrict__ c, int64_t ldc) {
+  using P = TileProduct<TC, ARow, BRow>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int64_t row0 = static_cast<int64_t>(blockIdx.y) * kTile, col0 = static_cast<int64_t>(blockIdx.x) * kTile;
+  const float* tile = tile_product<TC, ARow, BRow>(op, row0, col0, smem);
+  for (int e = static_cast<int>(threadIdx.x); e < kTile * kTile; e += kThreads) {
+    const int r = e / kTile, col = e % kTile;  // consecutive threads, consecutive columns: coalesced
+    if (row0 + r < op.M && col0 + col < op.N)
+      store_c(c + (row0 + r) * ldc + col0 + col, tile[r * P::kTileLd + col], alpha, beta);
   }
 }
 
-template <class TC, class TA, class TB, bool ARow, bool BRow>
-void launch(const TA* a, const TB* b, const Args& args, cudaStream_t stream) {
-  using K = Kernel<TC, TA, TB, ARow, BRow>;
-  const int64_t row_tiles = (args.M + kTile - 1) / kTile, col_tiles = (args.N + kTile - 1) / kTile;
-  FL_CHECK_ARG(row_tiles <= 65535 && col_tiles <= (int64_t(1) << 31) - 1, "fastloss.cuda_gemm: a ", args.M, " x ",
-               args.N, " product has too many tiles for one launch");
-  auto kernel = gemm_kernel<TC, TA, TB, ARow, BRow>;
-  FL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(K::kSmemBytes)));
-  const dim3 grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(row_tiles));
-  kernel<<<grid, kThreads, K::kSmemBytes, stream>>>(a, b, args);
-  FL_CUDA_CHECK_LAUNCH(gemm_kernel);
+// The operands of A B for the kernels, from strided views (one unit stride each), and whether
+// each is row-major (unit stride along its columns).
+template <class TA, class TB>
+Operands<TA, TB> operands(int64_t M, int64_t N, int64_t K, View<TA> a, View<TB> b, bool& a_row, bool& b_row) {
+  FL_CHECK_ARG((a.col_stride == 1 || a.row_stride == 1) && (b.col_stride == 1 || b.row_stride == 1),
+               "fastloss.cuda_gemm: each operand needs one unit stride");
+  a_row = a.col_stride == 1;
+  b_row = b.col_stride == 1;
+  Operands<TA, TB> op{a.data, b.data, M, N, K, a_row ? a.row_stride : a.col_stride,
+                      b_row ? b.row_stride : b.col_stride, false, false};
+  auto aligned16 = [](const void* data, int64_t ld, size_t elem) {
+    return reinterpret_cast<uintptr_t>(data) % 16 == 0 && (ld * static_cast<int64_t>(elem)) % 16 == 0;
+  };
+  op.a_vec = aligned16(a.data, op.lda, sizeof(TA));
+  op.b_vec = aligned16(b.data, op.ldb, sizeof(TB));
+  return op;
 }
 
-template <class T>
-bool aligned16(const T* data, int64_t ld) {
-  return reinterpret_cast<uintptr_t>(data) % 16 == 0 && (ld * static_cast<int64_t>(sizeof(T))) % 16 == 0;
+// Calls fn(std::bool_constant<ARow>{}, std::bool_constant<BRow>{}) for the runtime layouts.
+template <class Fn>
+void dispatch_layouts(bool a_row, bool b_row, Fn&& fn) {
+  if (a_row && b_row) fn(std::true_type{}, std::true_type{});
+  else if (a_row) fn(std::true_type{}, std::false_type{});
+  else if (b_row) fn(std::false_type{}, std::true_type{});
+  else fn(std::false_type{}, std::false_type{});
+}
+
+inline dim3 tile_grid(int64_t M, int64_t N) {
+  const int64_t row_tiles = (M + kTile - 1) / kTile, col_tiles = (N + kTile - 1) / kTile;
+  FL_CHECK_ARG(row_tiles <= 65535 && col_tiles <= (int64_t(1) << 31) - 1, "fastloss.cuda_gemm: a ", M, " x ", N,
+               " product has too many tiles for one launch");
+  return dim3(static_cast<unsigned>(col_tiles), static_cast<unsigned>(row_tiles));
 }
 
 // C = alpha * A B + beta * C on `stream`, computed in TC (float: FMA; __half / __nv_bfloat16: tensor
@@ -280,17 +303,17 @@ template <class TC, class TA, class TB>
 void gemm(int64_t M, int64_t N, int64_t K, View<TA> a, View<TB> b, float alpha, float beta, float* c, int64_t ldc,
           cudaStream_t stream) {
   if (M == 0 || N == 0) return;
-  FL_CHECK_ARG((a.col_stride == 1 || a.row_stride == 1) && (b.col_stride == 1 || b.row_stride == 1),
-               "fastloss.cuda_gemm: each operand needs one unit stride");
-  const bool a_row = a.col_stride == 1, b_row = b.col_stride == 1;
-  Args args{M, N, K, a_row ? a.row_stride : a.col_stride, b_row ? b.row_stride : b.col_stride, false, false,
-            alpha, beta, c, ldc};
-  args.a_vec = aligned16(a.data, args.lda);
-  args.b_vec = aligned16(b.data, args.ldb);
-  if (a_row && b_row) launch<TC, TA, TB, true, true>(a.data, b.data, args, stream);
-  else if (a_row) launch<TC, TA, TB, true, false>(a.data, b.data, args, stream);
-  else if (b_row) launch<TC, TA, TB, false, true>(a.data, b.data, args, stream);
-  else launch<TC, TA, TB, false, false>(a.data, b.data, args, stream);
+  bool a_row, b_row;
+  const Operands<TA, TB> op = operands(M, N, K, a, b, a_row, b_row);
+  const dim3 grid = tile_grid(M, N);
+  dispatch_layouts(a_row, b_row, [&](auto a_layout, auto b_layout) {
+    constexpr bool kARow = decltype(a_layout)::value, kBRow = decltype(b_layout)::value;
+    constexpr size_t kSmem = TileProduct<TC, kARow, kBRow>::kSmemBytes;
+    auto kernel = gemm_kernel<TC, kARow, kBRow, TA, TB>;
+    FL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmem)));
+    kernel<<<grid, kThreads, kSmem, stream>>>(op, alpha, beta, c, ldc);
+    FL_CUDA_CHECK_LAUNCH(gemm_kernel);
+  });
 }
 
 }  // namespace fl::cuda_gemm

@@ -25,6 +25,7 @@
 #include "common/cuda_numeric.cuh"
 #include "common/cuda_reduce.cuh"
 #include "common/fast_exp.h"
+#include "metric/metric_cuda.cuh"
 #include "metric/metric_kernels.h"
 #include "metric/metric_rows_cuda.cuh"
 #include "metric/pair_losses.h"
@@ -32,6 +33,7 @@
 namespace fl::metric {
 namespace {
 
+using cuda_detail::Pass;
 using cuda_gemm::View;
 using cuda_rows::BlockTeam;
 using cuda_rows::DeviceRow;
@@ -45,7 +47,7 @@ constexpr int64_t kWarpRowMaxColumns = 4096;
 // The chunk's S (fp32), classes (1 byte) and, with a gradient, W (fp32) per pair: 256 MB covers
 // 3,584 rows at m = 8,192 and 448 at m = 65,536 (rows a multiple of 64 when there are several chunks).
 constexpr int64_t kChunkBudgetBytes = int64_t(256) << 20;
-int64_t chunk_budget_bytes = kChunkBudgetBytes;  // set_cuda_chunk_budget: tests make it small
+int64_t chunk_budget = kChunkBudgetBytes;  // set_cuda_chunk_budget: tests make it small
 
 bool uses_labels(LossKind kind) {
   return kind != LossKind::InfoNCE && kind != LossKind::AUC && kind != LossKind::DecoupledSoftmax;
@@ -56,7 +58,7 @@ bool uses_distance(const PairProblem& p) {
 
 int64_t chunk_rows(const PairProblem& p, bool gradient) {
   const int64_t per_row = std::max<int64_t>(1, p.m * ((gradient ? 8 : 4) + 1));
-  int64_t rows = std::max<int64_t>(1, chunk_budget_bytes / per_row);
+  int64_t rows = std::max<int64_t>(1, chunk_budget / per_row);
   if (rows >= p.n) return std::max<int64_t>(1, p.n);
   return rows >= cuda_gemm::kTile ? rows - rows % cuda_gemm::kTile : rows;
 }
@@ -191,14 +193,14 @@ __global__ void column_terms_kernel(const float* __restrict__ col_max, const flo
   col_terms[j] = lse - scale * diag[j];
 }
 
-// out[0] = sum_i parts[i], in a fixed order (one block).
-__global__ void __launch_bounds__(kThreads) sum_kernel(const float* __restrict__ parts, int64_t count,
+// out[0] = sum_i parts[i] / divisor, in a fixed order (one block).
+__global__ void __launch_bounds__(kThreads) sum_kernel(const float* __restrict__ parts, int64_t count, float divisor,
                                                        float* __restrict__ out) {
   __shared__ float scratch[kWarpsPerBlock];
   float sum = 0;
   for (int64_t e = threadIdx.x; e < count; e += kThreads) sum += parts[e];
   sum = block_allreduce<kThreads>(sum, [](float a, float b) { return a + b; }, scratch);
-  if (threadIdx.x == 0) out[0] = sum;
+  if (threadIdx.x == 0) out[0] = sum / divisor;
 }
 
 // ---- the rows -----------------------------------------------------------------------------------------
@@ -350,25 +352,6 @@ unsigned blocks_for(int64_t items, int64_t per_block) {
   return static_cast<unsigned>(std::min<int64_t>((items + per_block - 1) / per_block, int64_t(1) << 30));
 }
 
-// What one pass computes: a forward (row terms; column terms when symmetric), a gradient (from saved
-// statistics and upstream gradients, or, with `unit`, the fused gradient of sum_i terms[i][0]), or both.
-struct Pass {
-  float* terms = nullptr;
-  float* counts = nullptr;
-  float* stats = nullptr;
-  float* col_terms = nullptr;
-  float* col_stats_out = nullptr;
-  bool unit = false;
-  const float* saved_stats = nullptr;
-  const float* grad_row = nullptr;
-  const float* grad_col = nullptr;
-  const float* col_stats = nullptr;
-  float* grad_x = nullptr;  // null: no gradient
-  float* grad_y = nullptr;
-  float* grad_scale = nullptr;
-  float* active = nullptr;
-};
-
 // T: the storage type of x and y; TS: the compute type of S; TW: of the products with W.
 template <class T, class TS, class TW>
 void run_pass(const PairProblem& p, const Pass& pass, void* workspace, int64_t workspace_bytes, cudaStream_t stream) {
@@ -469,12 +452,15 @@ void run_pass(const PairProblem& p, const Pass& pass, void* workspace, int64_t w
     FL_CUDA_CHECK_LAUNCH(column_terms_kernel);
   }
   if (gradient) {
-    sum_kernel<<<1, kThreads, 0, stream>>>(ws.scale_rows, n, pass.grad_scale);
-    FL_CUDA_CHECK_LAUNCH(sum_kernel);
+    cuda_detail::launch_sum(ws.scale_rows, n, 1.0f, pass.grad_scale, stream);
   }
 }
 
 void run(const PairProblem& p, const Pass& pass, void* workspace, int64_t workspace_bytes, cudaStream_t stream) {
+  if (p.kind == LossKind::InfoNCE) {  // no whole rows needed: the fused tiles of info_nce_cuda.cu
+    cuda_detail::run_info_nce(p, pass, workspace, workspace_bytes, stream);
+    return;
+  }
   switch (p.dtype) {
     case DType::Float32: run_pass<float, float, float>(p, pass, workspace, workspace_bytes, stream); return;
     case DType::Float16:  // W's entries fall below float16's range: its products run in fp32
@@ -504,12 +490,21 @@ void zero_gradients_of_empty_batch(const PairProblem& p, void* grad_y, void* gra
 
 }  // namespace
 
-void set_cuda_chunk_budget(int64_t bytes) { chunk_budget_bytes = bytes > 0 ? bytes : kChunkBudgetBytes; }
+void cuda_detail::launch_sum(const float* parts, int64_t count, float divisor, float* out, cudaStream_t stream) {
+  sum_kernel<<<1, kThreads, 0, stream>>>(parts, count, divisor, out);
+  FL_CUDA_CHECK_LAUNCH(sum_kernel);
+}
+
+int64_t cuda_detail::chunk_budget_bytes() { return chunk_budget; }
+
+void set_cuda_chunk_budget(int64_t bytes) { chunk_budget = bytes > 0 ? bytes : kChunkBudgetBytes; }
 
 int64_t cuda_workspace_bytes(const PairProblem& p, bool gradient) {
   validate(p);
+  if (p.n == 0) return 0;
+  if (p.kind == LossKind::InfoNCE) return cuda_detail::info_nce_workspace_bytes(p, gradient);
   Workspace ws;
-  return p.n == 0 ? 0 : layout(p, gradient, nullptr, ws);
+  return layout(p, gradient, nullptr, ws);
 }
 
 void forward_cuda(const PairProblem& p, const ForwardOut& out, void* workspace, int64_t workspace_bytes, int device,
