@@ -1,5 +1,6 @@
-// CUDA kernels of the metric family: the CPU engine's design (whole rows of S, never the n x m
-// matrix) on chunks of query rows sized to a fixed workspace budget.
+// CUDA kernels of the metric family: the entry points, and for every loss but InfoNCE (whose fused
+// tiles are in info_nce_cuda.cu) the CPU engine's design (whole rows of S, never the n x m matrix)
+// on chunks of query rows sized to a fixed workspace budget.
 //
 // For each chunk of R rows:
 //   S = X_chunk Y^T          cuda_gemm (tensor cores for 16-bit inputs, fp32 FMA for float32)
