@@ -309,11 +309,13 @@ def test_backward_is_deterministic():
     assert torch.equal(runs[0], runs[1])
 
 
-def test_ops_pass_opcheck():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_ops_pass_opcheck(device):
     g = torch.Generator().manual_seed(17)
-    x = F.normalize(torch.randn(10, 6, generator=g, dtype=torch.float64), dim=1).requires_grad_()
-    y = torch.randint(0, 3, (10,), generator=g)
-    scale = torch.tensor(0.1, dtype=torch.float64)
+    dtype = torch.float64 if device == "cpu" else torch.float32  # (the CUDA kernels take float32 at most)
+    x = F.normalize(torch.randn(10, 6, generator=g, dtype=dtype), dim=1).to(device).requires_grad_()
+    y = torch.randint(0, 3, (10,), generator=g).to(device)
+    scale = torch.tensor(0.1, dtype=torch.float64, device=device)
     for kind in ("nt_xent", "multi_similarity", "triplet"):
         for fused in (False, True):
             torch.library.opcheck(torch.ops.fastloss.metric_forward.default,
@@ -321,7 +323,8 @@ def test_ops_pass_opcheck():
                                    fused))  # fmt: skip
     torch.library.opcheck(torch.ops.fastloss.metric_forward.default,
                           (x, x.detach().flip(0).requires_grad_(), None, None, None, None, None,
-                           torch.tensor(10.0, dtype=torch.float64, requires_grad=True), -1, 0, 0.0, 0.0, 0.0, 0, True))  # fmt: skip
+                           torch.tensor(10.0, dtype=torch.float64, device=device, requires_grad=True), -1, 0, 0.0, 0.0,
+                           0.0, 0, True))  # fmt: skip
 
 
 def test_memory_stays_linear_in_the_batch():
@@ -508,17 +511,18 @@ def test_cuda_16_bit_clip_at_temperature_001_is_finite_and_close(dtype, cuda_chu
                lambda a, b: M.multi_similarity(a, y.cuda(), beta=50)):  # fmt: skip
         value, grads = cuda_grads(fn, q, k)
         assert torch.isfinite(value) and all(bool(torch.isfinite(t).all()) for t in grads)
-    for temperature in (0.01, 0.07):
-        value, grads = cuda_grads(lambda a, b: M.info_nce(a, b, temperature=temperature, symmetric=True), q, k)
+    for temperature, symmetric in ((0.01, True), (0.07, True), (0.07, False)):
+        value, grads = cuda_grads(lambda a, b: M.info_nce(a, b, temperature=temperature, symmetric=symmetric), q, k)
         # The float64 reference sees the normalized inputs rounded to 16 bits, as the kernels read them,
         # and differentiates through the rounding as autograd does (straight through).
         leaves = [t.double().requires_grad_() for t in (q, k)]
         normalized = [F.normalize(t, dim=1) for t in leaves]
         rounded = [n + (n.to(dtype).double() - n).detach() for n in normalized]
-        want = R.info_nce(*rounded, temperature=temperature, symmetric=True, normalize=False)
-        assert_close(value.double().cpu(), want, 1e-2, f"16-bit CLIP loss on CUDA, tau {temperature}")
+        want = R.info_nce(*rounded, temperature=temperature, symmetric=symmetric, normalize=False)
+        what = f"16-bit InfoNCE on CUDA, tau {temperature}, symmetric {symmetric}"
+        assert_close(value.double().cpu(), want, 1e-2, what)
         for got, expected in zip(grads, torch.autograd.grad(want, leaves)):
-            assert_close(got.double().cpu(), expected, 2e-2, f"16-bit CLIP gradient on CUDA, tau {temperature}")
+            assert_close(got.double().cpu(), expected, 2e-2, what + " gradient")
 
 
 @requires_cuda
@@ -566,16 +570,3 @@ def test_cuda_is_deterministic_and_handles_empty_batches_and_bad_targets():
     assert bool(torch.isnan(rows[7])) and bool(torch.isfinite(rows[torch.arange(300) != 7]).all())
     with pytest.raises(ValueError, match="float64"):
         M.nt_xent(e.detach().double(), y)
-
-
-@requires_cuda
-def test_cuda_ops_pass_opcheck():
-    g = torch.Generator().manual_seed(26)
-    x = F.normalize(torch.randn(10, 6, generator=g), dim=1).cuda().requires_grad_()
-    y = torch.randint(0, 3, (10,), generator=g).cuda()
-    scale = torch.tensor(0.1, dtype=torch.float64)
-    for kind in ("nt_xent", "multi_similarity", "triplet"):
-        for fused in (False, True):
-            torch.library.opcheck(torch.ops.fastloss.metric_forward.default,
-                                  (x, x, y, y, None, None, None, scale, 0, _ops.KINDS[kind], 50.0, 0.5, 0.1, 1, False,
-                                   fused))  # fmt: skip

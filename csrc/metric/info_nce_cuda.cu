@@ -5,8 +5,9 @@
 //   info_nce_rows_kernel     a block per 128 query rows walks every column tile: an online
 //                            log-sum-exp per row (two threads a row), the positive's similarity,
 //                            and for the symmetric loss each tile's column (max, sum) over its 128
-//                            rows, written per row block
-//   column_lse_kernel        the column log-sum-exps: those per-row-block parts merged in row order
+//                            rows, written per row block (launches over groups of row blocks whose
+//                            parts fit the workspace budget)
+//   fold_column_parts_kernel the column log-sum-exps: those parts merged in row order, group by group
 //   info_nce_weights_kernel  the backward's W = dL/dS tile by tile from the saved statistics
 //                            (row part, and the column part of the symmetric loss), written for a
 //                            chunk of rows in the products' input type, with each tile's
@@ -27,6 +28,7 @@
 #include "common/fast_exp.h"
 #include "metric/metric_cuda.cuh"
 #include "metric/metric_kernels.h"
+#include "metric/pair_losses.h"
 
 namespace fl::metric::cuda_detail {
 namespace {
@@ -67,7 +69,8 @@ struct ForwardParams {
   float* terms;            // (n, kRowTerms)
   float* counts;
   float* stats;            // (n, kRowStats): LSE_i, s_i,target
-  float2* col_parts;       // symmetric: (row blocks, m) column (max, sum) of each row block; else null
+  float2* col_parts;       // symmetric: (row blocks of this launch, m) column (max, sum) of each; else null
+  int64_t first_tile;      // this launch's first row block (launches go over groups of row blocks)
 };
 
 // Extra shared memory after the tile: the two halves' column parts (2 x 128 float2).
@@ -78,9 +81,9 @@ __global__ void __launch_bounds__(kThreads) info_nce_rows_kernel(Operands<T, T> 
   using P = TileProduct<TC, ARow, BRow>;
   extern __shared__ __align__(128) unsigned char smem[];
   float2* column_scratch = reinterpret_cast<float2*>(smem + P::kSmemBytes);
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTile;
-  // Rows: thread t takes row t / 2 and every other column of each tile (half = t % 2), so the 16
-  // rows a warp reads fall in different banks.
+  const int64_t row0 = (f.first_tile + blockIdx.x) * kTile;
+  // Rows: thread t takes row t / 2 and every other column of each tile (half = t % 2): a warp's 16
+  // rows and 2 halves read 2-way conflicted banks (the row stride is 4 banks).
   const int rr = static_cast<int>(threadIdx.x) >> 1, half = static_cast<int>(threadIdx.x) & 1;
   const int64_t i = row0 + rr;
   const bool row_valid = i < f.n;
@@ -117,26 +120,33 @@ __global__ void __launch_bounds__(kThreads) info_nce_rows_kernel(Operands<T, T> 
   if (isnan(positive)) positive = other_positive;
   if (!row_valid || half != 0) return;
   const float lse = row.x + logf(row.y);
-  f.terms[i * kRowTerms] = lse - f.scale * positive;
-  f.terms[i * kRowTerms + 1] = 0.0f;
-  f.counts[i * kRowTerms] = 1.0f;
-  f.counts[i * kRowTerms + 1] = 0.0f;
-  f.stats[i * kRowStats] = lse;
-  f.stats[i * kRowStats + 1] = positive;
-  f.stats[i * kRowStats + 2] = 0.0f;
-  f.stats[i * kRowStats + 3] = 0.0f;
+  const RowResult<float> res = info_nce_result(lse, positive, f.scale);
+  for (int k = 0; k < kRowTerms; ++k) {
+    f.terms[i * kRowTerms + k] = res.terms[k];
+    f.counts[i * kRowTerms + k] = res.counts[k];
+  }
+  for (int k = 0; k < kRowStats; ++k) f.stats[i * kRowStats + k] = res.stats[k];
 }
 
-// col_stats_j = LSE over the rows of scale * s_ij, from the row blocks' parts in row order;
-// col_terms_j = col_stats_j - scale * s_jj (s_jj is row j's positive: the symmetric loss is square
-// with the diagonal as positives).
-__global__ void column_lse_kernel(const float2* __restrict__ parts, int64_t row_blocks, int64_t m, float scale,
-                                  const float* __restrict__ row_stats, float* __restrict__ col_stats,
-                                  float* __restrict__ col_terms) {
+// Folds a launch's row-block column parts into the running (max, sum) of each column, in row order.
+__global__ void fold_column_parts_kernel(const float2* __restrict__ parts, int64_t row_blocks, int64_t m, bool first,
+                                         float2* __restrict__ running) {
   const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (j >= m) return;
-  float2 total = make_float2(kNegInfinity, 0.0f);
+  float2 total = first ? make_float2(kNegInfinity, 0.0f) : running[j];
   for (int64_t b = 0; b < row_blocks; ++b) total = merge_lse(total, parts[b * m + j]);
+  running[j] = total;
+}
+
+// col_stats_j = LSE over the rows of scale * s_ij; col_terms_j = col_stats_j - scale * s_jj (s_jj is
+// row j's positive, saved in its statistics: the symmetric loss is square with the diagonal as
+// positives).
+__global__ void column_terms_kernel(const float2* __restrict__ running, int64_t m, float scale,
+                                    const float* __restrict__ row_stats, float* __restrict__ col_stats,
+                                    float* __restrict__ col_terms) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= m) return;
+  const float2 total = running[j];
   const float lse = total.y == 0.0f ? kNegInfinity : total.x + logf(total.y);
   col_stats[j] = lse;
   col_terms[j] = lse - scale * row_stats[j * kRowStats + 1];
@@ -177,15 +187,24 @@ __global__ void __launch_bounds__(kThreads) info_nce_weights_kernel(Operands<T, 
     const float s = tile[r * P::kTileLd + c];
     const int64_t target = q.targets != nullptr ? q.targets[i] : i;
     const float g = q.grad_row != nullptr ? q.grad_row[i * kRowTerms] : 1.0f;
-    float w = g * scale * (fast_exp(scale * s - q.stats[i * kRowStats]) - (j == target ? 1.0f : 0.0f));
+    float w = info_nce_weight(s, j == target, q.stats[i * kRowStats], g, scale);
     if (target < 0 || target >= q.m) w = NAN;  // (only with the host check of the targets off)
-    if (q.grad_col != nullptr)
-      w += q.grad_col[j] * scale * (fast_exp(scale * s - q.col_stats[j]) - (i == j ? 1.0f : 0.0f));
+    if (q.grad_col != nullptr) w += info_nce_weight(s, i == j, q.col_stats[j], q.grad_col[j], scale);
     q.w[local * q.m + j] = CudaStore<TW>::from(w);
     sum += w * s;
   }
   sum = block_allreduce<kThreads>(sum, [](float a, float b) { return a + b; }, scratch);
   if (threadIdx.x == 0) q.tile_sums[(q.r0 / kTile + blockIdx.y) * q.col_tiles + blockIdx.x] = sum;
+}
+
+// out[0] = sum_i parts[i] / divisor, in a fixed order (one block).
+__global__ void __launch_bounds__(kThreads) sum_kernel(const float* __restrict__ parts, int64_t count, float divisor,
+                                                       float* __restrict__ out) {
+  __shared__ float scratch[kThreads / 32];
+  float sum = 0;
+  for (int64_t e = threadIdx.x; e < count; e += kThreads) sum += parts[e];
+  sum = block_allreduce<kThreads>(sum, [](float a, float b) { return a + b; }, scratch);
+  if (threadIdx.x == 0) out[0] = sum / divisor;
 }
 
 __global__ void fill_kernel(float* __restrict__ out, int64_t count, float value) {
@@ -228,8 +247,16 @@ int64_t chunk_rows(const PairProblem& p) {
   return std::max<int64_t>(kTile, rows - rows % kTile);
 }
 
+// Row blocks whose column parts fit the budget at once (the symmetric forward's launches).
+int64_t row_blocks_per_launch(const PairProblem& p) {
+  const int64_t row_tiles = (p.n + kTile - 1) / kTile;
+  if (!p.symmetric) return row_tiles;
+  return std::min(row_tiles, std::max<int64_t>(1, chunk_budget_bytes() / (p.m * int64_t(sizeof(float2)))));
+}
+
 struct Layout {
-  float2* col_parts = nullptr;  // symmetric forward
+  float2* col_parts = nullptr;  // symmetric forward: row_blocks_per_launch x m
+  float2* col_running = nullptr;  // symmetric forward: m
   void* w = nullptr;            // gradient: chunk_rows x m
   float* tile_sums = nullptr;   // gradient: row tiles x column tiles
   int64_t rows = 0;
@@ -243,7 +270,10 @@ int64_t layout(const PairProblem& p, bool forward, bool gradient, char* base, La
     return at;
   };
   const int64_t row_tiles = (p.n + kTile - 1) / kTile, col_tiles = (p.m + kTile - 1) / kTile;
-  if (forward && p.symmetric) ws.col_parts = reinterpret_cast<float2*>(take(row_tiles * p.m * 8));
+  if (forward && p.symmetric) {
+    ws.col_parts = reinterpret_cast<float2*>(take(row_blocks_per_launch(p) * p.m * int64_t(sizeof(float2))));
+    ws.col_running = reinterpret_cast<float2*>(take(p.m * int64_t(sizeof(float2))));
+  }
   if (gradient) {
     ws.rows = chunk_rows(p);
     ws.w = take(ws.rows * p.m * w_bytes_per_element(p.dtype));
@@ -274,20 +304,30 @@ void run_typed(const PairProblem& p, const Pass& pass, void* workspace, int64_t 
   bool a_row, b_row;
 
   if (forward) {
-    ForwardParams f{n, m, scale, p.targets, pass.terms, pass.counts, pass.stats, ws.col_parts};
+    ForwardParams f{n, m, scale, p.targets, pass.terms, pass.counts, pass.stats, ws.col_parts, 0};
     const Operands<T, T> op = cuda_gemm::operands(n, m, dim, View<T>{x, dim, 1}, View<T>{y, 1, dim}, a_row, b_row);
-    cuda_gemm::dispatch_layouts(a_row, b_row, [&](auto a_layout, auto b_layout) {
-      constexpr bool kARow = decltype(a_layout)::value, kBRow = decltype(b_layout)::value;
-      constexpr size_t kSmem = TileProduct<TS, kARow, kBRow>::kSmemBytes + kColumnScratchBytes;
-      auto kernel = info_nce_rows_kernel<TS, kARow, kBRow, T>;
-      set_smem(kernel, kSmem);
-      kernel<<<static_cast<unsigned>(row_tiles), kThreads, kSmem, stream>>>(op, f);
-      FL_CUDA_CHECK_LAUNCH(info_nce_rows_kernel);
-    });
+    const int64_t per_launch = row_blocks_per_launch(p);
+    for (int64_t first = 0; first < row_tiles; first += per_launch) {
+      const int64_t blocks = std::min(per_launch, row_tiles - first);
+      f.first_tile = first;
+      cuda_gemm::dispatch_layouts(a_row, b_row, [&](auto a_layout, auto b_layout) {
+        constexpr bool kARow = decltype(a_layout)::value, kBRow = decltype(b_layout)::value;
+        constexpr size_t kSmem = TileProduct<TS, kARow, kBRow>::kSmemBytes + kColumnScratchBytes;
+        auto kernel = info_nce_rows_kernel<TS, kARow, kBRow, T>;
+        set_smem(kernel, kSmem);
+        kernel<<<static_cast<unsigned>(blocks), kThreads, kSmem, stream>>>(op, f);
+        FL_CUDA_CHECK_LAUNCH(info_nce_rows_kernel);
+      });
+      if (p.symmetric) {
+        fold_column_parts_kernel<<<blocks_for(m, kThreads), kThreads, 0, stream>>>(ws.col_parts, blocks, m, first == 0,
+                                                                                   ws.col_running);
+        FL_CUDA_CHECK_LAUNCH(fold_column_parts_kernel);
+      }
+    }
     if (p.symmetric) {
-      column_lse_kernel<<<blocks_for(m, kThreads), kThreads, 0, stream>>>(ws.col_parts, row_tiles, m, scale, pass.stats,
-                                                                          pass.col_stats_out, pass.col_terms);
-      FL_CUDA_CHECK_LAUNCH(column_lse_kernel);
+      column_terms_kernel<<<blocks_for(m, kThreads), kThreads, 0, stream>>>(ws.col_running, m, scale, pass.stats,
+                                                                            pass.col_stats_out, pass.col_terms);
+      FL_CUDA_CHECK_LAUNCH(column_terms_kernel);
     }
   }
   if (!gradient) return;
@@ -295,8 +335,8 @@ void run_typed(const PairProblem& p, const Pass& pass, void* workspace, int64_t 
   // The fused gradient (unit upstream, not symmetric) marks every row active: a row of W is zero only
   // when its softmax is exactly one-hot, and a row marked active needlessly only makes the backward's
   // uniformity check stricter.
-  if (pass.unit) {
-    fill_kernel<<<blocks_for(n, kThreads), kThreads, 0, stream>>>(pass.active, n, 1.0f);
+  if (pass.unit_grad) {
+    fill_kernel<<<blocks_for(n, kThreads), kThreads, 0, stream>>>(pass.row_active, n, 1.0f);
     FL_CUDA_CHECK_LAUNCH(fill_kernel);
   }
   WeightParams<TW> q{};
@@ -304,9 +344,9 @@ void run_typed(const PairProblem& p, const Pass& pass, void* workspace, int64_t 
   q.m = m;
   q.scale = scale;
   q.targets = p.targets;
-  q.stats = pass.unit ? pass.stats : pass.saved_stats;
-  q.grad_row = pass.unit ? nullptr : pass.grad_row;
-  q.grad_col = !pass.unit && p.symmetric ? pass.grad_col : nullptr;
+  q.stats = pass.unit_grad ? pass.stats : pass.saved_stats;
+  q.grad_row = pass.unit_grad ? nullptr : pass.grad_row;
+  q.grad_col = !pass.unit_grad && p.symmetric ? pass.grad_col : nullptr;
   q.col_stats = pass.col_stats;
   q.w = static_cast<TW*>(ws.w);
   q.tile_sums = ws.tile_sums;
@@ -332,7 +372,8 @@ void run_typed(const PairProblem& p, const Pass& pass, void* workspace, int64_t 
     cuda_gemm::gemm<TW>(m, dim, rows, View<TW>{q.w, 1, m}, View<T>{x_chunk, dim, 1}, 1.0f, r0 == 0 ? 0.0f : 1.0f,
                         pass.grad_y, dim, stream);
   }
-  launch_sum(ws.tile_sums, row_tiles * col_tiles, scale, pass.grad_scale, stream);
+  sum_kernel<<<1, kThreads, 0, stream>>>(ws.tile_sums, row_tiles * col_tiles, scale, pass.grad_scale);
+  FL_CUDA_CHECK_LAUNCH(sum_kernel);
 }
 
 }  // namespace

@@ -19,6 +19,7 @@
 #include "common/parallel.h"
 #include "common/thread_pool.h"
 #include "metric/metric_kernels.h"
+#include "metric/metric_pass.h"
 #include "metric/pair_losses.h"
 
 namespace fl::metric {
@@ -231,8 +232,7 @@ FL_CPU_MULTIVERSION void add_column_grads(const PairProblem& p, int64_t i, const
   const int64_t m = p.m;
   if (p.symmetric) {
 #pragma omp simd
-    for (int64_t j = 0; j < m; ++j) w[j] += grad_col[j] * scale * fast_exp(scale * s[j] - col_stats[j]);
-    w[i] -= grad_col[i] * scale;
+    for (int64_t j = 0; j < m; ++j) w[j] += info_nce_weight(s[j], j == i, col_stats[j], grad_col[j], scale);
   }
   if (p.kind == LossKind::InfoNCE) {
     Acc sum = 0;
@@ -251,28 +251,6 @@ FL_CPU_MULTIVERSION void gradient_products(const Inputs<Acc>& in, int64_t i0, in
   tile_transpose(rows, m, sc.w.data(), m, sc.wt.data(), kBlockRows);
   tile_gemm(m, dim, rows, sc.wt.data(), kBlockRows, in.x + i0 * dim, dim, grad_y_part, dim, true);
 }
-
-// One pass over the row blocks. A forward pass writes the row terms (and column statistics); a
-// gradient pass writes dX, dY, d(scale) from either the saved statistics and the upstream
-// gradients (backward), or, in the forward itself, this pass's statistics and the unit upstream
-// gradient of sum_i terms[i][0] (the fused path: one similarity product fewer than forward + backward).
-template <class Acc>
-struct Pass {
-  Acc* terms = nullptr;  // forward outputs (null: not a forward pass)
-  Acc* counts = nullptr;
-  Acc* stats = nullptr;
-  Acc* col_terms = nullptr;
-  Acc* col_stats_out = nullptr;
-  bool unit_grad = false;           // gradient of sum_i terms[i][0], from this pass's statistics
-  const Acc* saved_stats = nullptr; // backward: the forward's statistics and the upstream gradients
-  const Acc* grad_row = nullptr;
-  const Acc* grad_col = nullptr;
-  const Acc* col_stats = nullptr;
-  Acc* grad_x = nullptr;  // gradient outputs (null: no gradient)
-  Acc* grad_y = nullptr;
-  Acc* grad_scale = nullptr;
-  Acc* row_active = nullptr;  // unit_grad: 1 where the row of W is not all zero
-};
 
 template <class Acc>
 void run_pass(const PairProblem& p, const Pass<Acc>& pass) {
@@ -337,37 +315,6 @@ void run_pass(const PairProblem& p, const Pass<Acc>& pass) {
   }
 }
 
-template <class Acc>
-void forward_typed(const PairProblem& p, const ForwardOut& out) {
-  Pass<Acc> pass;
-  pass.terms = static_cast<Acc*>(out.row_terms);
-  pass.counts = static_cast<Acc*>(out.row_counts);
-  pass.stats = static_cast<Acc*>(out.row_stats);
-  pass.col_terms = static_cast<Acc*>(out.col_terms);
-  pass.col_stats_out = static_cast<Acc*>(out.col_stats);
-  if (out.unit_grad_x != nullptr) {
-    pass.unit_grad = true;
-    pass.grad_x = static_cast<Acc*>(out.unit_grad_x);
-    pass.grad_y = static_cast<Acc*>(out.unit_grad_y);
-    pass.grad_scale = static_cast<Acc*>(out.unit_grad_scale);
-    pass.row_active = static_cast<Acc*>(out.row_active);
-  }
-  run_pass(p, pass);
-}
-
-template <class Acc>
-void backward_typed(const PairProblem& p, const BackwardArgs& a) {
-  Pass<Acc> pass;
-  pass.saved_stats = static_cast<const Acc*>(a.row_stats);
-  pass.grad_row = static_cast<const Acc*>(a.grad_row);
-  pass.grad_col = static_cast<const Acc*>(a.grad_col);
-  pass.col_stats = static_cast<const Acc*>(a.col_stats);
-  pass.grad_x = static_cast<Acc*>(a.grad_x);
-  pass.grad_y = static_cast<Acc*>(a.grad_y);
-  pass.grad_scale = static_cast<Acc*>(a.grad_scale);
-  run_pass(p, pass);
-}
-
 void require_cpu_problem(const PairProblem& p) {
   validate(p);
   FL_CHECK_ARG(p.dtype == DType::Float32 || p.dtype == DType::Float64, p.op_name,
@@ -401,7 +348,7 @@ void forward_cpu(const PairProblem& p, const ForwardOut& out) {
     if (out.unit_grad_scale != nullptr) std::memset(out.unit_grad_scale, 0, elem);
     return;
   }
-  if (p.dtype == DType::Float64) forward_typed<double>(p, out); else forward_typed<float>(p, out);
+  if (p.dtype == DType::Float64) run_pass(p, forward_pass<double>(out)); else run_pass(p, forward_pass<float>(out));
 }
 
 void backward_cpu(const PairProblem& p, const BackwardArgs& a) {
@@ -412,7 +359,7 @@ void backward_cpu(const PairProblem& p, const BackwardArgs& a) {
     std::memset(a.grad_scale, 0, elem);
     return;
   }
-  if (p.dtype == DType::Float64) backward_typed<double>(p, a); else backward_typed<float>(p, a);
+  if (p.dtype == DType::Float64) run_pass(p, backward_pass<double>(a)); else run_pass(p, backward_pass<float>(a));
 }
 
 }  // namespace fl::metric

@@ -5,10 +5,8 @@
 // For each chunk of R rows:
 //   S = X_chunk Y^T          cuda_gemm (tensor cores for 16-bit inputs, fp32 FMA for float32)
 //   classify_kernel          the pair classes of the chunk (labels, targets, positive lists, self pair)
-//   rows_kernel              a warp per row: the loss's terms, counts and statistics (forward), the row
-//                            of W = dL/dS (gradient), the symmetric loss's column part, dL/dscale parts
-//   column_lse_kernel        symmetric InfoNCE: the running column log-sum-exps over the chunks, in
-//                            chunk order (the column losses come from the same S as the rows)
+//   rows_kernel              a team per row (a warp, or a block for long rows): the loss's terms, counts
+//                            and statistics (forward) and the row of W = dL/dS (gradient)
 //   dX_chunk = W Y,  dY += W^T X_chunk     cuda_gemm, dY accumulated in fp32 across the chunks:
 //                            bfloat16 inputs on tensor cores (W rounded to bfloat16, whose exponent
 //                            range holds W's small entries), float32 and float16 inputs in fp32 on
@@ -72,10 +70,6 @@ struct Workspace {
   uint8_t* cls = nullptr;                    // rows x m
   float* x_sqnorm = nullptr;                 // n (euclidean losses)
   float* y_sqnorm = nullptr;                 // m
-  float* col_max = nullptr;                  // m (symmetric InfoNCE)
-  float* col_sum = nullptr;                  // m
-  float* diag = nullptr;                     // m: s_jj
-  float* scale_rows = nullptr;               // n: each row's share of dL/dscale
 };
 
 // Lays the parts out from `base` (null: only counts) and returns the bytes used.
@@ -93,10 +87,6 @@ int64_t layout(const PairProblem& p, bool gradient, char* base, Workspace& ws) {
   ws.cls = reinterpret_cast<uint8_t*>(take(pairs));
   ws.x_sqnorm = reinterpret_cast<float*>(take(p.n * 4));
   ws.y_sqnorm = reinterpret_cast<float*>(take(p.m * 4));
-  ws.col_max = reinterpret_cast<float*>(take(p.m * 4));
-  ws.col_sum = reinterpret_cast<float*>(take(p.m * 4));
-  ws.diag = reinterpret_cast<float*>(take(p.m * 4));
-  ws.scale_rows = reinterpret_cast<float*>(take(p.n * 4));
   return used;
 }
 
@@ -115,12 +105,6 @@ __global__ void __launch_bounds__(kThreads) squared_norms_kernel(const T* __rest
   }
   sum = cuda_rows::team_sum(WarpTeam{lane}, sum);
   if (lane == 0) out[r] = sum;
-}
-
-__global__ void fill_kernel(float* __restrict__ out, int64_t count, float value) {
-  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < count;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    out[e] = value;
 }
 
 // The pair classes of rows [r0, r0 + rows), as Inputs::classify of metric_cpu.cpp: labels, or the
@@ -163,54 +147,12 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Symmetric InfoNCE: folds the chunk's rows into each column's running (max, sum) of e^(scale s_ij),
-// one thread per column walking the rows in order, and picks up the diagonal s_jj.
-__global__ void column_lse_kernel(const float* __restrict__ s, int64_t r0, int64_t rows, int64_t m, float scale,
-                                  float* __restrict__ col_max, float* __restrict__ col_sum, float* __restrict__ diag) {
-  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (j >= m) return;
-  float mx = col_max[j], sum = col_sum[j];
-  for (int64_t r = 0; r < rows; ++r) {
-    const float v = scale * s[r * m + j];
-    if (v > mx) {
-      sum = sum * fast_exp(mx - v) + 1.0f;  // e^(-inf) = 0 for the first value
-      mx = v;
-    } else {
-      sum += fast_exp(v - mx);
-    }
-  }
-  col_max[j] = mx;
-  col_sum[j] = sum;
-  if (j >= r0 && j < r0 + rows) diag[j] = s[(j - r0) * m + j];
-}
-
-__global__ void column_terms_kernel(const float* __restrict__ col_max, const float* __restrict__ col_sum,
-                                    const float* __restrict__ diag, int64_t m, float scale,
-                                    float* __restrict__ col_stats, float* __restrict__ col_terms) {
-  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (j >= m) return;
-  const float lse = col_sum[j] == 0 ? kNegInf<float> : col_max[j] + logf(col_sum[j]);
-  col_stats[j] = lse;
-  col_terms[j] = lse - scale * diag[j];
-}
-
-// out[0] = sum_i parts[i] / divisor, in a fixed order (one block).
-__global__ void __launch_bounds__(kThreads) sum_kernel(const float* __restrict__ parts, int64_t count, float divisor,
-                                                       float* __restrict__ out) {
-  __shared__ float scratch[kWarpsPerBlock];
-  float sum = 0;
-  for (int64_t e = threadIdx.x; e < count; e += kThreads) sum += parts[e];
-  sum = block_allreduce<kThreads>(sum, [](float a, float b) { return a + b; }, scratch);
-  if (threadIdx.x == 0) out[0] = sum / divisor;
-}
-
 // ---- the rows -----------------------------------------------------------------------------------------
 
 struct RowParams {
   LossKind kind;
   float p0, p1, p2, p3;
   int option;
-  bool symmetric;
   int64_t m, r0, rows;
   const float* s;
   const uint8_t* cls;
@@ -224,16 +166,13 @@ struct RowParams {
   bool unit;              // the fused gradient: unit upstream on terms[:, 0], from this pass's statistics
   const float* saved_stats;
   const float* grad_row;
-  const float* grad_col;  // symmetric
-  const float* col_stats;
-  float* scale_rows;
   float* active;          // unit: 1 where the row of W is not all zero
 };
 
 template <class Team>
 __device__ RowResult<float> forward_row(const Team& t, const RowParams& q, const DeviceRow& row) {
   switch (q.kind) {
-    case LossKind::InfoNCE: return cuda_rows::info_nce_forward(t, row, q.p0);
+    case LossKind::InfoNCE: break;  // info_nce_cuda.cu
     case LossKind::NTXent: return cuda_rows::positives_vs_negatives_forward(t, row, 1.0f / q.p0, false);
     case LossKind::SupCon: return cuda_rows::supcon_forward(t, row, 1.0f / q.p0);
     case LossKind::MultiSimilarity:
@@ -252,20 +191,38 @@ template <class Team>
 __device__ void backward_row(const Team& t, const RowParams& q, const DeviceRow& row, const float* stats,
                              const float* grad, float* w) {
   const float g = grad[0];
+  const float inv_t = 1.0f / q.p0;
   switch (q.kind) {
-    case LossKind::InfoNCE: cuda_rows::info_nce_backward(t, row, stats, g, q.p0, w); return;
-    case LossKind::NTXent: cuda_rows::positives_vs_negatives_backward(t, row, stats, g, 1.0f / q.p0, w); return;
-    case LossKind::SupCon: cuda_rows::supcon_backward(t, row, stats, g, 1.0f / q.p0, w); return;
-    case LossKind::MultiSimilarity:
-      cuda_rows::multi_similarity_backward(t, row, stats, g, MsParams<float>{q.p0, q.p1, q.p2, q.p3, q.option != 0}, w);
+    case LossKind::InfoNCE: return;  // info_nce_cuda.cu
+    case LossKind::NTXent:
+    case LossKind::DecoupledSoftmax:
+      cuda_rows::write_weights(t, row, w, [&](int64_t j) { return positives_vs_negatives_weight(row.cls[j], row.s[j], stats, g, inv_t); });
       return;
-    case LossKind::Circle: cuda_rows::circle_backward(t, row, stats, g, CircleParams<float>(q.p0, q.p1), w); return;
-    case LossKind::Contrastive: cuda_rows::contrastive_backward(t, row, grad, q.p0, q.p1, q.option != 0, w); return;
+    case LossKind::SupCon:
+      cuda_rows::write_weights(t, row, w, [&](int64_t j) { return supcon_weight(row.cls[j], row.s[j], stats, g, inv_t); });
+      return;
+    case LossKind::MultiSimilarity: {
+      const MsParams<float> ms{q.p0, q.p1, q.p2, q.p3, q.option != 0};
+      cuda_rows::write_weights(t, row, w, [&](int64_t j) { return multi_similarity_weight(row.cls[j], row.s[j], stats, g, ms); });
+      return;
+    }
+    case LossKind::Circle: {
+      const CircleParams<float> circle(q.p0, q.p1);
+      const float outer = circle_outer(stats, g);
+      cuda_rows::write_weights(t, row, w, [&](int64_t j) { return circle_weight(row.cls[j], row.s[j], stats, outer, circle); });
+      return;
+    }
+    case LossKind::Contrastive: {
+      const bool cosine = q.option != 0;
+      cuda_rows::write_weights(t, row, w, [&](int64_t j) {
+        return contrastive_weight(row.cls[j], row.s[j], cosine ? 0.0f : row.dist(j), grad, q.p0, q.p1, cosine);
+      });
+      return;
+    }
     case LossKind::Triplet:
       cuda_rows::triplet_backward(t, row, g, TripletParams<float>{q.p0, q.p1, static_cast<TripletMining>(q.option)}, w);
       return;
-    case LossKind::AUC: cuda_rows::auc_backward(t, row, stats, g, 1.0f / q.p0, w); return;
-    case LossKind::DecoupledSoftmax: cuda_rows::positives_vs_negatives_backward(t, row, stats, g, 1.0f / q.p0, w); return;
+    case LossKind::AUC: cuda_rows::auc_backward(t, row, stats, g, inv_t, w); return;
   }
 }
 
@@ -296,7 +253,7 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(RowParams q) {
                       q.x_sqnorm != nullptr ? q.x_sqnorm[i] : 0.0f,
                       q.y_sqnorm};
   // A target outside [0, m) (possible only with the host check turned off) makes the row NaN.
-  const bool bad_target = (q.kind == LossKind::InfoNCE || q.kind == LossKind::AUC) && (row.target < 0 || row.target >= q.m);
+  const bool bad_target = q.kind == LossKind::AUC && (row.target < 0 || row.target >= q.m);
   float stats[kRowStats] = {0, 0, 0, 0};
   if (q.terms != nullptr) {
     RowResult<float> res;
@@ -324,21 +281,6 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(RowParams q) {
     backward_row(t, q, row, q.unit ? stats : q.saved_stats + i * kRowStats,
                  q.unit ? unit_grad : q.grad_row + i * kRowTerms, w);
   }
-  // The symmetric loss's column part: grad_col_j scale (column softmax - [i = j]); and the row's
-  // share of dL/dscale = sum_j W_ij s_ij / scale (InfoNCE). Each thread reads back its own columns.
-  float scale_part = 0;
-  if (q.kind == LossKind::InfoNCE) {
-    const float scale = q.p0;
-    FL_TEAM_COLUMNS(t, j, q.m) {
-      float value = w[j];
-      if (q.symmetric && !q.unit)
-        value += q.grad_col[j] * scale * (fast_exp(scale * row.s[j] - q.col_stats[j]) - (j == i ? 1.0f : 0.0f));
-      w[j] = value;
-      scale_part += value * row.s[j];
-    }
-    scale_part = cuda_rows::team_sum(t, scale_part) / scale;
-  }
-  if (t.rank == 0) q.scale_rows[i] = scale_part;
   if (q.unit) {
     bool nonzero = false;
     FL_TEAM_COLUMNS(t, j, q.m) nonzero = nonzero || w[j] != 0;
@@ -356,8 +298,8 @@ unsigned blocks_for(int64_t items, int64_t per_block) {
 // T: the storage type of x and y; TS: the compute type of S; TW: of the products with W.
 template <class T, class TS, class TW>
 void run_pass(const PairProblem& p, const Pass& pass, void* workspace, int64_t workspace_bytes, cudaStream_t stream) {
-  const bool forward = pass.terms != nullptr, gradient = pass.grad_x != nullptr;
-  const bool columns = forward && p.symmetric;
+  FL_CHECK_ARG(p.kind != LossKind::InfoNCE, p.op_name, ": InfoNCE runs on the fused tiles of info_nce_cuda.cu");
+  const bool gradient = pass.grad_x != nullptr;
   Workspace ws;
   const int64_t needed = layout(p, gradient, static_cast<char*>(workspace), ws);
   FL_CHECK_ARG(workspace != nullptr && workspace_bytes >= needed, p.op_name, ": workspace of ", workspace_bytes,
@@ -365,19 +307,12 @@ void run_pass(const PairProblem& p, const Pass& pass, void* workspace, int64_t w
   const T* x = static_cast<const T*>(p.x);
   const T* y = static_cast<const T*>(p.y);
   const int64_t n = p.n, m = p.m, dim = p.dim;
-  const float scale = static_cast<float>(p.p0);
   const bool distances = uses_distance(p);
   if (distances) {
     squared_norms_kernel<T><<<blocks_for(n, kWarpsPerBlock), kThreads, 0, stream>>>(x, n, dim, ws.x_sqnorm);
     FL_CUDA_CHECK_LAUNCH(squared_norms_kernel);
     squared_norms_kernel<T><<<blocks_for(m, kWarpsPerBlock), kThreads, 0, stream>>>(y, m, dim, ws.y_sqnorm);
     FL_CUDA_CHECK_LAUNCH(squared_norms_kernel);
-  }
-  if (columns) {
-    fill_kernel<<<blocks_for(m, kThreads), kThreads, 0, stream>>>(ws.col_max, m, kNegInf<float>);
-    FL_CUDA_CHECK_LAUNCH(fill_kernel);
-    FL_CUDA_CHECK(cudaMemsetAsync(ws.col_sum, 0, static_cast<size_t>(m) * sizeof(float), stream));
-    FL_CUDA_CHECK(cudaMemsetAsync(ws.diag, 0, static_cast<size_t>(m) * sizeof(float), stream));
   }
   RowParams q{};
   q.kind = p.kind;
@@ -386,7 +321,6 @@ void run_pass(const PairProblem& p, const Pass& pass, void* workspace, int64_t w
   q.p2 = static_cast<float>(p.p2);
   q.p3 = static_cast<float>(p.p3);
   q.option = p.option;
-  q.symmetric = p.symmetric;
   q.m = m;
   q.s = ws.s;
   q.cls = ws.cls;
@@ -397,19 +331,16 @@ void run_pass(const PairProblem& p, const Pass& pass, void* workspace, int64_t w
   q.counts = pass.counts;
   q.stats = pass.stats;
   q.w = gradient ? ws.w : nullptr;
-  q.unit = pass.unit;
+  q.unit = pass.unit_grad;
   q.saved_stats = pass.saved_stats;
   q.grad_row = pass.grad_row;
-  q.grad_col = pass.grad_col;
-  q.col_stats = pass.col_stats;
-  q.scale_rows = ws.scale_rows;
-  q.active = pass.active;
+  q.active = pass.row_active;
   ClassifyParams c{};
   c.m = m;
   c.labelled = uses_labels(p.kind);
   c.labels_x = p.labels_x;
   c.labels_y = p.labels_y;
-  c.has_target = p.kind == LossKind::InfoNCE || p.kind == LossKind::AUC;
+  c.has_target = p.kind == LossKind::AUC;
   c.targets = p.targets;
   c.self_offset = p.self_offset;
   c.cls = ws.cls;
@@ -434,11 +365,6 @@ void run_pass(const PairProblem& p, const Pass& pass, void* workspace, int64_t w
       rows_kernel<BlockTeam<kThreads>><<<blocks_for(rows, 1), kThreads, 0, stream>>>(q);
     }
     FL_CUDA_CHECK_LAUNCH(rows_kernel);
-    if (columns) {
-      column_lse_kernel<<<blocks_for(m, kThreads), kThreads, 0, stream>>>(ws.s, r0, rows, m, scale, ws.col_max,
-                                                                          ws.col_sum, ws.diag);
-      FL_CUDA_CHECK_LAUNCH(column_lse_kernel);
-    }
     if (gradient) {
       // dX rows = W Y;  dY (+)= W^T X_chunk, the first chunk overwriting whatever dY held.
       cuda_gemm::gemm<TW>(rows, dim, m, View<float>{ws.w, m, 1}, View<T>{y, dim, 1}, 1.0f, 0.0f,
@@ -447,14 +373,8 @@ void run_pass(const PairProblem& p, const Pass& pass, void* workspace, int64_t w
                           r0 == 0 ? 0.0f : 1.0f, pass.grad_y, dim, stream);
     }
   }
-  if (columns) {
-    column_terms_kernel<<<blocks_for(m, kThreads), kThreads, 0, stream>>>(ws.col_max, ws.col_sum, ws.diag, m, scale,
-                                                                          pass.col_stats_out, pass.col_terms);
-    FL_CUDA_CHECK_LAUNCH(column_terms_kernel);
-  }
-  if (gradient) {
-    cuda_detail::launch_sum(ws.scale_rows, n, 1.0f, pass.grad_scale, stream);
-  }
+  // dL/dscale: only InfoNCE has a scale.
+  if (gradient) FL_CUDA_CHECK(cudaMemsetAsync(pass.grad_scale, 0, sizeof(float), stream));
 }
 
 void run(const PairProblem& p, const Pass& pass, void* workspace, int64_t workspace_bytes, cudaStream_t stream) {
@@ -491,11 +411,6 @@ void zero_gradients_of_empty_batch(const PairProblem& p, void* grad_y, void* gra
 
 }  // namespace
 
-void cuda_detail::launch_sum(const float* parts, int64_t count, float divisor, float* out, cudaStream_t stream) {
-  sum_kernel<<<1, kThreads, 0, stream>>>(parts, count, divisor, out);
-  FL_CUDA_CHECK_LAUNCH(sum_kernel);
-}
-
 int64_t cuda_detail::chunk_budget_bytes() { return chunk_budget; }
 
 void set_cuda_chunk_budget(int64_t bytes) { chunk_budget = bytes > 0 ? bytes : kChunkBudgetBytes; }
@@ -518,20 +433,7 @@ void forward_cuda(const PairProblem& p, const ForwardOut& out, void* workspace, 
     zero_gradients_of_empty_batch(p, out.unit_grad_y, out.unit_grad_scale, stream);
     return;
   }
-  Pass pass;
-  pass.terms = static_cast<float*>(out.row_terms);
-  pass.counts = static_cast<float*>(out.row_counts);
-  pass.stats = static_cast<float*>(out.row_stats);
-  pass.col_terms = static_cast<float*>(out.col_terms);
-  pass.col_stats_out = static_cast<float*>(out.col_stats);
-  if (out.unit_grad_x != nullptr) {
-    pass.unit = true;
-    pass.grad_x = static_cast<float*>(out.unit_grad_x);
-    pass.grad_y = static_cast<float*>(out.unit_grad_y);
-    pass.grad_scale = static_cast<float*>(out.unit_grad_scale);
-    pass.active = static_cast<float*>(out.row_active);
-  }
-  run(p, pass, workspace, workspace_bytes, stream);
+  run(p, forward_pass<float>(out), workspace, workspace_bytes, stream);
 }
 
 void backward_cuda(const PairProblem& p, const BackwardArgs& a, void* workspace, int64_t workspace_bytes, int device,
@@ -542,15 +444,7 @@ void backward_cuda(const PairProblem& p, const BackwardArgs& a, void* workspace,
     zero_gradients_of_empty_batch(p, a.grad_y, a.grad_scale, stream);
     return;
   }
-  Pass pass;
-  pass.saved_stats = static_cast<const float*>(a.row_stats);
-  pass.grad_row = static_cast<const float*>(a.grad_row);
-  pass.grad_col = static_cast<const float*>(a.grad_col);
-  pass.col_stats = static_cast<const float*>(a.col_stats);
-  pass.grad_x = static_cast<float*>(a.grad_x);
-  pass.grad_y = static_cast<float*>(a.grad_y);
-  pass.grad_scale = static_cast<float*>(a.grad_scale);
-  run(p, pass, workspace, workspace_bytes, stream);
+  run(p, backward_pass<float>(a), workspace, workspace_bytes, stream);
 }
 
 }  // namespace fl::metric

@@ -8,34 +8,15 @@
 #include <cstdint>
 
 #include "metric/metric_kernels.h"
+#include "metric/metric_pass.h"
 
 namespace fl::metric::cuda_detail {
 
-// What one pass computes: a forward (row terms; column terms when symmetric), a gradient (from saved
-// statistics and upstream gradients, or, with `unit`, the fused gradient of sum_i terms[i][0]), or
-// both. Every array is float32 (the accumulator type on the GPU).
-struct Pass {
-  float* terms = nullptr;  // forward outputs (null: not a forward pass)
-  float* counts = nullptr;
-  float* stats = nullptr;
-  float* col_terms = nullptr;
-  float* col_stats_out = nullptr;
-  bool unit = false;
-  const float* saved_stats = nullptr;  // backward inputs
-  const float* grad_row = nullptr;
-  const float* grad_col = nullptr;
-  const float* col_stats = nullptr;
-  float* grad_x = nullptr;  // gradient outputs (null: no gradient)
-  float* grad_y = nullptr;
-  float* grad_scale = nullptr;
-  float* active = nullptr;  // unit: 1 where the row of W may be nonzero
-};
+// A pass of the GPU engines (metric_pass.h): every array is float32, the accumulator type on the GPU.
+using Pass = fl::metric::Pass<float>;
 
 // The workspace budget of a chunk of rows (set_cuda_chunk_budget; 256 MB by default).
 int64_t chunk_budget_bytes();
-
-// out[0] = (sum of parts[0 .. count)) / divisor, in a fixed order.
-void launch_sum(const float* parts, int64_t count, float divisor, float* out, cudaStream_t stream);
 
 // The fused InfoNCE engine (info_nce_cuda.cu): its workspace and one pass.
 int64_t info_nce_workspace_bytes(const PairProblem& p, bool gradient);

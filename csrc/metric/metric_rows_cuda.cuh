@@ -95,21 +95,11 @@ __device__ __forceinline__ float team_lse(const Team& t, const DeviceRow& r, Val
   return mx + logf(sum);
 }
 
-// ---- forward: the row's terms, counts and statistics (RowResult of pair_losses.h) -------------------
+// ---- forward: the row's terms, counts and statistics (the ..._result functions of pair_losses.h) ----
 
 template <class Team>
-__device__ inline RowResult<float> info_nce_forward(const Team& t, const DeviceRow& r, float scale) {
-  RowResult<float> out;
-  const float lse = team_lse(t, r, [&](int64_t j) { return scale * r.s[j]; }, [](int64_t) { return true; }, false);
-  out.terms[0] = lse - scale * r.s[r.target];
-  out.counts[0] = 1;
-  out.stats[0] = lse;
-  return out;
-}
-
-template <class Team>
-__device__ inline RowResult<float> positives_vs_negatives_forward(const Team& t, const DeviceRow& r, float inv_t, bool per_row_mean) {
-  RowResult<float> out;
+__device__ inline RowResult<float> positives_vs_negatives_forward(const Team& t, const DeviceRow& r, float inv_t,
+                                                                  bool per_row_mean) {
   const float ln = team_lse(t, r, [&](int64_t j) { return r.s[j] * inv_t; },
                             [&](int64_t j) { return r.cls[j] == kNegative; }, false);
   float sum = 0, weight = 0, positives = 0, negatives = 0;
@@ -121,23 +111,12 @@ __device__ inline RowResult<float> positives_vs_negatives_forward(const Team& t,
     sum += softplus_acc(ln - r.s[j] * inv_t);
     weight += sigmoid_acc(ln - r.s[j] * inv_t);
   }
-  sum = team_sum(t, sum);
-  weight = team_sum(t, weight);
-  positives = team_sum(t, positives);
-  negatives = team_sum(t, negatives);
-  const float factor = per_row_mean ? (positives > 0 ? 1.0f / positives : 0.0f) : 1.0f;
-  out.terms[0] = factor * sum;
-  out.counts[0] = positives;
-  out.counts[1] = negatives;
-  out.stats[0] = ln;
-  out.stats[1] = factor * weight;
-  out.stats[2] = factor;
-  return out;
+  return positives_vs_negatives_result(ln, team_sum(t, sum), team_sum(t, weight), team_sum(t, positives),
+                                       team_sum(t, negatives), per_row_mean);
 }
 
 template <class Team>
 __device__ inline RowResult<float> supcon_forward(const Team& t, const DeviceRow& r, float inv_t) {
-  RowResult<float> out;
   const float lse = team_lse(t, r, [&](int64_t j) { return r.s[j] * inv_t; },
                              [&](int64_t j) { return r.cls[j] != kExcluded; }, false);
   float positives = 0, negatives = 0, pos_sum = 0;
@@ -149,20 +128,11 @@ __device__ inline RowResult<float> supcon_forward(const Team& t, const DeviceRow
       negatives += 1;
     }
   }
-  positives = team_sum(t, positives);
-  negatives = team_sum(t, negatives);
-  pos_sum = team_sum(t, pos_sum);
-  out.terms[0] = positives > 0 ? lse - pos_sum / positives : 0.0f;
-  out.counts[0] = positives;
-  out.counts[1] = negatives;
-  out.stats[0] = lse;
-  out.stats[1] = positives;
-  return out;
+  return supcon_result(lse, team_sum(t, positives), team_sum(t, negatives), team_sum(t, pos_sum));
 }
 
 template <class Team>
 __device__ inline RowResult<float> multi_similarity_forward(const Team& t, const DeviceRow& r, const MsParams<float>& q) {
-  RowResult<float> out;
   float min_pos = FLT_MAX, max_neg = -FLT_MAX;  // ms_thresholds of pair_losses.h
   FL_TEAM_COLUMNS(t, j, r.m) {
     if (r.cls[j] == kPositive) min_pos = fminf(min_pos, r.s[j]);
@@ -179,59 +149,43 @@ __device__ inline RowResult<float> multi_similarity_forward(const Team& t, const
     kept_pos += pos(j) ? 1.0f : 0.0f;
     kept_neg += neg(j) ? 1.0f : 0.0f;
   }
-  out.counts[0] = team_sum(t, kept_pos);
-  out.counts[1] = team_sum(t, kept_neg);
-  out.terms[0] = lse_pos / q.alpha + lse_neg / q.beta;
-  out.stats[0] = lse_pos;
-  out.stats[1] = lse_neg;
-  out.stats[2] = min_pos;
-  out.stats[3] = max_neg;
-  return out;
+  return multi_similarity_result(lse_pos, lse_neg, team_sum(t, kept_pos), team_sum(t, kept_neg), min_pos, max_neg, q);
 }
 
 template <class Team>
 __device__ inline RowResult<float> circle_forward(const Team& t, const DeviceRow& r, const CircleParams<float>& q) {
-  RowResult<float> out;
   float positives = 0, negatives = 0;
   FL_TEAM_COLUMNS(t, j, r.m) {
     positives += r.cls[j] == kPositive ? 1.0f : 0.0f;
     negatives += r.cls[j] == kNegative ? 1.0f : 0.0f;
   }
-  out.counts[0] = team_sum(t, positives);
-  out.counts[1] = team_sum(t, negatives);
-  if (out.counts[0] == 0 || out.counts[1] == 0) return out;  // PML zeroes such rows
+  positives = team_sum(t, positives);
+  negatives = team_sum(t, negatives);
+  if (positives == 0 || negatives == 0) return circle_result(positives, negatives, 0.0f, 0.0f);
   const float lse_pos = team_lse(t, r, [&](int64_t j) { return q.pos_logit(r.s[j]); },
                                  [&](int64_t j) { return r.cls[j] == kPositive; }, false);
   const float lse_neg = team_lse(t, r, [&](int64_t j) { return q.neg_logit(r.s[j]); },
                                  [&](int64_t j) { return r.cls[j] == kNegative; }, false);
-  out.terms[0] = softplus_acc(lse_pos + lse_neg);
-  out.stats[0] = lse_pos;
-  out.stats[1] = lse_neg;
-  out.stats[2] = 1;  // live row
-  return out;
+  return circle_result(positives, negatives, lse_pos, lse_neg);
 }
 
 template <class Team>
-__device__ inline RowResult<float> contrastive_forward(const Team& t, const DeviceRow& r, float pos_margin, float neg_margin,
-                                                       bool cosine) {
+__device__ inline RowResult<float> contrastive_forward(const Team& t, const DeviceRow& r, float pos_margin,
+                                                       float neg_margin, bool cosine) {
   RowResult<float> out;
-  float pos_sum = 0, neg_sum = 0, pos_count = 0, neg_count = 0;
+  float sums[kRowTerms] = {0, 0}, counts[kRowTerms] = {0, 0};  // positive pairs, negative pairs
   FL_TEAM_COLUMNS(t, j, r.m) {
     const float d = cosine ? 0.0f : r.dist(j);
-    if (r.cls[j] == kPositive) {
-      const float loss = contrastive_pos(cosine, pos_margin, r.s[j], d);
-      pos_sum += loss;
-      pos_count += loss > 0 ? 1.0f : 0.0f;
-    } else if (r.cls[j] == kNegative) {
-      const float loss = contrastive_neg(cosine, neg_margin, r.s[j], d);
-      neg_sum += loss;
-      neg_count += loss > 0 ? 1.0f : 0.0f;
-    }
+    if (r.cls[j] == kExcluded) continue;
+    const int k = r.cls[j] == kPositive ? 0 : 1;
+    const float loss = k == 0 ? contrastive_pos(cosine, pos_margin, r.s[j], d) : contrastive_neg(cosine, neg_margin, r.s[j], d);
+    sums[k] += loss;
+    counts[k] += loss > 0 ? 1.0f : 0.0f;
   }
-  out.terms[0] = team_sum(t, pos_sum);
-  out.terms[1] = team_sum(t, neg_sum);
-  out.counts[0] = team_sum(t, pos_count);
-  out.counts[1] = team_sum(t, neg_count);
+  for (int k = 0; k < kRowTerms; ++k) {
+    out.terms[k] = team_sum(t, sums[k]);
+    out.counts[k] = team_sum(t, counts[k]);
+  }
   return out;
 }
 
@@ -300,7 +254,6 @@ __device__ inline RowResult<float> triplet_forward(const Team& t, const DeviceRo
 
 template <class Team>
 __device__ inline RowResult<float> auc_forward(const Team& t, const DeviceRow& r, float inv_t) {
-  RowResult<float> out;
   const float s_t = r.s[r.target];
   float sum = 0, negatives = 0;
   FL_TEAM_COLUMNS(t, j, r.m) {
@@ -308,94 +261,24 @@ __device__ inline RowResult<float> auc_forward(const Team& t, const DeviceRow& r
     sum += softplus_acc((r.s[j] - s_t) * inv_t);
     negatives += 1;
   }
-  sum = team_sum(t, sum);
-  negatives = team_sum(t, negatives);
-  out.terms[0] = negatives > 0 ? sum / negatives : 0.0f;
-  out.counts[0] = 1;
-  out.stats[0] = negatives;
-  return out;
+  return auc_result(team_sum(t, sum), team_sum(t, negatives));
 }
 
-// ---- backward: the row of W = dL/dS for the upstream gradient g (contrastive: grad[0], grad[1]) ----
+// ---- backward: the row of W = dL/dS (the ..._weight functions of pair_losses.h) -----------------------
 
-template <class Team>
-__device__ inline void info_nce_backward(const Team& t, const DeviceRow& r, const float* stats, float g, float scale, float* w) {
-  const float lse = stats[0], coef = g * scale;
-  FL_TEAM_COLUMNS(t, j, r.m)
-    w[j] = coef * fast_exp(scale * r.s[j] - lse) - (j == r.target ? coef : 0.0f);
+// Every loss but triplet and AUC: w_j = weight(j) for each column of the team member.
+template <class Team, class Weight>
+__device__ __forceinline__ void write_weights(const Team& t, const DeviceRow& r, float* w, Weight weight) {
+  FL_TEAM_COLUMNS(t, j, r.m) w[j] = weight(j);
 }
 
+// A positive's weight counts its negatives, a negative's its positives. The counts gather in w: for
+// each positive p (the whole team walks them), every thread counts its own negatives j that form a
+// triplet with p (w_j += 1) and the team sums them into p's count, which the thread owning column p
+// stores. O(|P_i| m / team) per row, as the forward.
 template <class Team>
-__device__ inline void positives_vs_negatives_backward(const Team& t, const DeviceRow& r, const float* stats, float g, float inv_t,
-                                                       float* w) {
-  const float ln = stats[0], weight = stats[1], factor = stats[2];
-  FL_TEAM_COLUMNS(t, j, r.m) {
-    if (ln == kNegInf<float>) {  // no negative: every pair's loss is 0
-      w[j] = 0;
-      continue;
-    }
-    const float l = r.s[j] * inv_t;
-    const float e = fast_exp(l - ln);  // sigmoid(ln - l) = 1 / (1 + e)
-    const float pos = -g * factor * inv_t / (1.0f + e);
-    const float neg = g * weight * e * inv_t;
-    w[j] = r.cls[j] == kPositive ? pos : (r.cls[j] == kNegative ? neg : 0.0f);
-  }
-}
-
-template <class Team>
-__device__ inline void supcon_backward(const Team& t, const DeviceRow& r, const float* stats, float g, float inv_t, float* w) {
-  const float lse = stats[0], positives = stats[1];
-  const float inv_pos = positives > 0 ? 1.0f / positives : 0.0f;
-  FL_TEAM_COLUMNS(t, j, r.m) {
-    const float softmax = fast_exp(r.s[j] * inv_t - lse);
-    const float value = g * (softmax - (r.cls[j] == kPositive ? inv_pos : 0.0f)) * inv_t;
-    w[j] = positives == 0 || r.cls[j] == kExcluded ? 0.0f : value;
-  }
-}
-
-template <class Team>
-__device__ inline void multi_similarity_backward(const Team& t, const DeviceRow& r, const float* stats, float g,
-                                                 const MsParams<float>& q, float* w) {
-  const float lse_pos = stats[0], lse_neg = stats[1], min_pos = stats[2], max_neg = stats[3];
-  FL_TEAM_COLUMNS(t, j, r.m) {
-    const float s = r.s[j];
-    const bool pos = r.cls[j] == kPositive && ms_keep_positive(q, s, max_neg);
-    const bool neg = r.cls[j] == kNegative && ms_keep_negative(q, s, min_pos);
-    const float e_pos = -g * fast_exp(-q.alpha * (s - q.base) - lse_pos);
-    const float e_neg = g * fast_exp(q.beta * (s - q.base) - lse_neg);
-    w[j] = pos ? e_pos : (neg ? e_neg : 0.0f);
-  }
-}
-
-template <class Team>
-__device__ inline void circle_backward(const Team& t, const DeviceRow& r, const float* stats, float g, const CircleParams<float>& q,
-                                       float* w) {
-  const bool live = stats[2] != 0;
-  const float outer = live ? g * sigmoid_acc(stats[0] + stats[1]) : 0.0f;
-  FL_TEAM_COLUMNS(t, j, r.m) {
-    const float s = r.s[j];
-    if (!live || r.cls[j] == kExcluded) w[j] = 0;
-    else if (r.cls[j] == kPositive) w[j] = outer * expf(q.pos_logit(s) - stats[0]) * q.pos_slope(s);
-    else w[j] = outer * expf(q.neg_logit(s) - stats[1]) * q.neg_slope(s);
-  }
-}
-
-template <class Team>
-__device__ inline void contrastive_backward(const Team& t, const DeviceRow& r, const float* grad, float pos_margin, float neg_margin,
-                                            bool cosine, float* w) {
-  FL_TEAM_COLUMNS(t, j, r.m) {
-    float value = 0;
-    const float d = cosine ? 0.0f : r.dist(j);
-    if (r.cls[j] == kPositive && contrastive_pos(cosine, pos_margin, r.s[j], d) > 0)
-      value = grad[0] * (cosine ? -1.0f : distance_slope(d));
-    else if (r.cls[j] == kNegative && contrastive_neg(cosine, neg_margin, r.s[j], d) > 0)
-      value = grad[1] * (cosine ? 1.0f : -distance_slope(d));
-    w[j] = value;
-  }
-}
-
-template <class Team>
-__device__ inline void triplet_backward(const Team& t, const DeviceRow& r, float g, const TripletParams<float>& q, float* w) {
+__device__ inline void triplet_backward(const Team& t, const DeviceRow& r, float g, const TripletParams<float>& q,
+                                        float* w) {
   if (q.mining == TripletMining::BatchHard) {
     int64_t hp, hn;
     batch_hard_pair(t, r, hp, hn);
@@ -408,10 +291,6 @@ __device__ inline void triplet_backward(const Team& t, const DeviceRow& r, float
     }
     return;
   }
-  // A positive's weight counts its negatives, a negative's its positives. The counts gather in w:
-  // for each positive p (the whole team walks them), every thread counts its own negatives j that
-  // form a triplet with p (w_j += 1) and the team sums them into p's count, which the thread owning
-  // column p stores. O(|P_i| m / team) per row, as the forward.
   FL_TEAM_COLUMNS(t, j, r.m) w[j] = 0;
   for (int64_t p = 0; p < r.m; ++p) {
     if (r.cls[p] != kPositive) continue;
@@ -424,7 +303,7 @@ __device__ inline void triplet_backward(const Team& t, const DeviceRow& r, float
       }
     }
     const float negatives = team_sum(t, mine);
-    if (t.rank == p % std::decay_t<decltype(t)>::kSize) w[p] = negatives;
+    if (t.rank == p % Team::kSize) w[p] = negatives;
   }
   FL_TEAM_COLUMNS(t, j, r.m) {
     const float slope = distance_slope(r.dist(j));
@@ -433,16 +312,13 @@ __device__ inline void triplet_backward(const Team& t, const DeviceRow& r, float
 }
 
 template <class Team>
-__device__ inline void auc_backward(const Team& t, const DeviceRow& r, const float* stats, float g, float inv_t, float* w) {
-  const float negatives = stats[0];
+__device__ inline void auc_backward(const Team& t, const DeviceRow& r, const float* stats, float g, float inv_t,
+                                    float* w) {
   const float s_t = r.s[r.target];
   float total = 0;
   FL_TEAM_COLUMNS(t, j, r.m) {
-    float value = 0;
-    if (j != r.target && r.cls[j] != kExcluded && negatives != 0)
-      value = g * sigmoid_acc((r.s[j] - s_t) * inv_t) * inv_t / negatives;
-    w[j] = value;
-    total += value;
+    w[j] = auc_weight(j == r.target, r.cls[j], r.s[j], s_t, stats[0], g, inv_t);
+    total += w[j];
   }
   total = team_sum(t, total);
   if (t.rank == r.target % Team::kSize) w[r.target] = -total;  // the thread that owns the target column

@@ -33,6 +33,16 @@ struct Row {
   const Acc* dist;      // contrastive / triplet (euclidean): m distances, else null
 };
 
+// A row's statistics copied out of the saved array: in the CPU loops that write W, a local copy
+// cannot alias W, so the compiler keeps them in registers.
+template <class Acc>
+struct RowStats {
+  Acc v[kRowStats];
+  explicit RowStats(const Acc* stats) {
+    for (int k = 0; k < kRowStats; ++k) v[k] = stats[k];
+  }
+};
+
 template <class Acc>
 struct RowResult {
   Acc terms[kRowTerms] = {0, 0};
@@ -44,11 +54,11 @@ template <class Acc>
 constexpr Acc kNegInf = -std::numeric_limits<Acc>::infinity();
 
 template <class Acc>
-FL_HD Acc softplus_acc(Acc x) {
+FL_HD_INLINE Acc softplus_acc(Acc x) {
   return (x > 0 ? x : Acc(0)) + std::log1p(std::exp(-std::fabs(x)));
 }
 template <class Acc>
-FL_HD Acc sigmoid_acc(Acc x) {
+FL_HD_INLINE Acc sigmoid_acc(Acc x) {
   return x >= 0 ? Acc(1) / (Acc(1) + std::exp(-x)) : std::exp(x) / (Acc(1) + std::exp(x));
 }
 
@@ -78,36 +88,53 @@ FL_CPU_INLINE Acc row_lse(int64_t m, Value value, Keep keep, bool add_one) {
 // below go through s only: exact for l2-normalized inputs (every caller normalizes), since the
 // normalization's backward removes the radial part that |x|^2 would contribute.
 template <class Acc>
-FL_HD Acc unit_distance(Acc x_sqnorm, Acc y_sqnorm, Acc s) {
+FL_HD_INLINE Acc unit_distance(Acc x_sqnorm, Acc y_sqnorm, Acc s) {
   const Acc sq = x_sqnorm + y_sqnorm - Acc(2) * s;
   return std::sqrt(sq > 0 ? sq : Acc(0));
 }
 // d(distance)/d(s) = -1 / distance; 0 at distance 0 (torch.cdist's gradient there).
 template <class Acc>
-FL_HD Acc distance_slope(Acc d) {
+FL_HD_INLINE Acc distance_slope(Acc d) {
   return d > 0 ? -Acc(1) / d : Acc(0);
 }
 
+// Each loss below has its row function (whole rows, CPU) and, shared with the GPU's team row
+// functions (metric_rows_cuda.cuh), the pieces that are not loops: the row's result from its sums
+// (..._result) and one pair's entry of W (..._weight).
+
 // ---- InfoNCE / CLIP: -log softmax_j(scale s)[target] ----------------------------------------------
 
+// g scale (e^(scale s - lse) - [positive]): a row's W entry, and with the column's LSE and upstream
+// gradient the symmetric loss's column part.
 template <class Acc>
-FL_CPU_INLINE RowResult<Acc> info_nce_forward(const Row<Acc>& r, Acc scale) {
+FL_HD_INLINE Acc info_nce_weight(Acc s, bool positive, Acc lse, Acc g, Acc scale) {
+  const Acc coef = g * scale;
+  return coef * fast_exp(scale * s - lse) - (positive ? coef : Acc(0));
+}
+
+template <class Acc>
+FL_HD_INLINE RowResult<Acc> info_nce_result(Acc lse, Acc s_target, Acc scale) {
   RowResult<Acc> out;
-  const Acc lse = row_lse<Acc>(r.m, [&](int64_t j) { return scale * r.s[j]; }, [&](int64_t) { return true; }, false);
-  out.terms[0] = lse - scale * r.s[r.target];
+  out.terms[0] = lse - scale * s_target;
   out.counts[0] = 1;
   out.stats[0] = lse;
+  out.stats[1] = s_target;
   return out;
 }
 
-// W_j = g (softmax_j - [j = target]) * scale (the column part of the symmetric loss is added by
-// the caller).
+template <class Acc>
+FL_CPU_INLINE RowResult<Acc> info_nce_forward(const Row<Acc>& r, Acc scale) {
+  const Acc lse = row_lse<Acc>(r.m, [&](int64_t j) { return scale * r.s[j]; }, [&](int64_t) { return true; }, false);
+  return info_nce_result(lse, r.s[r.target], scale);
+}
+
+// The column part of the symmetric loss is added by the caller.
 template <class Acc>
 FL_CPU_INLINE void info_nce_backward(const Row<Acc>& r, const Acc* stats, Acc g, Acc scale, Acc* w) {
-  const Acc lse = stats[0], coef = g * scale;
+  const Acc lse = stats[0];
+  const int64_t target = r.target;
 #pragma omp simd
-  for (int64_t j = 0; j < r.m; ++j) w[j] = coef * fast_exp(scale * r.s[j] - lse);
-  w[r.target] -= coef;
+  for (int64_t j = 0; j < r.m; ++j) w[j] = info_nce_weight(r.s[j], j == target, lse, g, scale);
 }
 
 // ---- Each positive against the row's negatives only: NT-Xent (PML NTXentLoss) and decoupled softmax
@@ -115,9 +142,34 @@ FL_CPU_INLINE void info_nce_backward(const Row<Acc>& r, const Acc* stats, Acc g,
 // times a per-pair factor: 1 for NT-Xent (averaged over all pairs by the caller), 1/|P_i| for
 // decoupled softmax (averaged over rows). stats: LSE_neg, factor * sum_p sigmoid(LSE_neg - l_p), factor.
 
+// sum: sum_p softplus(LSE_neg - l_p); weight: sum_p sigmoid(LSE_neg - l_p).
+template <class Acc>
+FL_HD_INLINE RowResult<Acc> positives_vs_negatives_result(Acc ln, Acc sum, Acc weight, Acc positives, Acc negatives,
+                                                          bool per_row_mean) {
+  RowResult<Acc> out;
+  const Acc factor = per_row_mean ? (positives > 0 ? Acc(1) / positives : Acc(0)) : Acc(1);
+  out.terms[0] = factor * sum;
+  out.counts[0] = positives;
+  out.counts[1] = negatives;
+  out.stats[0] = ln;
+  out.stats[1] = factor * weight;
+  out.stats[2] = factor;
+  return out;
+}
+
+// 0 when the row has no negative (every pair's loss is log 1 = 0).
+template <class Acc>
+FL_HD_INLINE Acc positives_vs_negatives_weight(uint8_t cls, Acc s, const Acc* stats, Acc g, Acc inv_t) {
+  const Acc ln = stats[0], weight = stats[1], factor = stats[2];
+  const Acc e = fast_exp(s * inv_t - ln);  // sigmoid(ln - l) = 1 / (1 + e)
+  const Acc pos = -g * factor * inv_t / (Acc(1) + e);
+  const Acc neg = g * weight * e * inv_t;
+  const Acc value = cls == kPositive ? pos : (cls == kNegative ? neg : Acc(0));
+  return ln == kNegInf<Acc> ? Acc(0) : value;
+}
+
 template <class Acc>
 FL_CPU_INLINE RowResult<Acc> positives_vs_negatives_forward(const Row<Acc>& r, Acc inv_t, bool per_row_mean) {
-  RowResult<Acc> out;
   const Acc ln = row_lse<Acc>(r.m, [&](int64_t j) { return r.s[j] * inv_t; },
                               [&](int64_t j) { return r.cls[j] == kNegative; }, false);
   Acc sum = 0, weight = 0, positives = 0, negatives = 0;
@@ -129,38 +181,40 @@ FL_CPU_INLINE RowResult<Acc> positives_vs_negatives_forward(const Row<Acc>& r, A
     sum += softplus_acc(ln - r.s[j] * inv_t);
     weight += sigmoid_acc(ln - r.s[j] * inv_t);
   }
-  const Acc factor = per_row_mean ? (positives > 0 ? Acc(1) / positives : Acc(0)) : Acc(1);
-  out.terms[0] = factor * sum;
-  out.counts[0] = positives;
-  out.counts[1] = negatives;
-  out.stats[0] = ln;
-  out.stats[1] = factor * weight;
-  out.stats[2] = factor;
-  return out;
+  return positives_vs_negatives_result(ln, sum, weight, positives, negatives, per_row_mean);
 }
 
 template <class Acc>
 FL_CPU_INLINE void positives_vs_negatives_backward(const Row<Acc>& r, const Acc* stats, Acc g, Acc inv_t, Acc* w) {
-  const Acc ln = stats[0], weight = stats[1], factor = stats[2];
-  if (ln == kNegInf<Acc>) {  // no negative: every pair's loss is 0
-    std::fill(w, w + r.m, Acc(0));
-    return;
-  }
+  const RowStats<Acc> st(stats);
 #pragma omp simd
-  for (int64_t j = 0; j < r.m; ++j) {
-    const Acc l = r.s[j] * inv_t;
-    const Acc e = fast_exp(l - ln);  // sigmoid(ln - l) = 1 / (1 + e)
-    const Acc pos = -g * factor * inv_t / (Acc(1) + e);
-    const Acc neg = g * weight * e * inv_t;
-    w[j] = r.cls[j] == kPositive ? pos : (r.cls[j] == kNegative ? neg : Acc(0));
-  }
+  for (int64_t j = 0; j < r.m; ++j) w[j] = positives_vs_negatives_weight(r.cls[j], r.s[j], st.v, g, inv_t);
 }
 
 // ---- SupCon (PML SupConLoss): LSE over every non-self pair minus the mean positive logit ----------
 
 template <class Acc>
-FL_CPU_INLINE RowResult<Acc> supcon_forward(const Row<Acc>& r, Acc inv_t) {
+FL_HD_INLINE RowResult<Acc> supcon_result(Acc lse, Acc positives, Acc negatives, Acc pos_sum) {
   RowResult<Acc> out;
+  out.terms[0] = positives > 0 ? lse - pos_sum / positives : Acc(0);
+  out.counts[0] = positives;
+  out.counts[1] = negatives;
+  out.stats[0] = lse;
+  out.stats[1] = positives;
+  return out;
+}
+
+// 0 for an anchor without positives (PML's zero loss) and for the excluded pair.
+template <class Acc>
+FL_HD_INLINE Acc supcon_weight(uint8_t cls, Acc s, const Acc* stats, Acc g, Acc inv_t) {
+  const Acc lse = stats[0], positives = stats[1];
+  const Acc inv_pos = positives > 0 ? Acc(1) / positives : Acc(0);
+  const Acc value = g * (fast_exp(s * inv_t - lse) - (cls == kPositive ? inv_pos : Acc(0))) * inv_t;
+  return positives == 0 || cls == kExcluded ? Acc(0) : value;
+}
+
+template <class Acc>
+FL_CPU_INLINE RowResult<Acc> supcon_forward(const Row<Acc>& r, Acc inv_t) {
   const Acc lse = row_lse<Acc>(r.m, [&](int64_t j) { return r.s[j] * inv_t; },
                                [&](int64_t j) { return r.cls[j] != kExcluded; }, false);
   Acc positives = 0, negatives = 0, pos_sum = 0;
@@ -172,28 +226,14 @@ FL_CPU_INLINE RowResult<Acc> supcon_forward(const Row<Acc>& r, Acc inv_t) {
       negatives += 1;
     }
   }
-  out.terms[0] = positives > 0 ? lse - pos_sum / positives : Acc(0);
-  out.counts[0] = positives;
-  out.counts[1] = negatives;
-  out.stats[0] = lse;
-  out.stats[1] = positives;
-  return out;
+  return supcon_result(lse, positives, negatives, pos_sum);
 }
 
 template <class Acc>
 FL_CPU_INLINE void supcon_backward(const Row<Acc>& r, const Acc* stats, Acc g, Acc inv_t, Acc* w) {
-  const Acc lse = stats[0], positives = stats[1];
-  if (positives == 0) {
-    std::fill(w, w + r.m, Acc(0));
-    return;
-  }
-  const Acc inv_pos = Acc(1) / positives;
+  const RowStats<Acc> st(stats);
 #pragma omp simd
-  for (int64_t j = 0; j < r.m; ++j) {
-    const Acc softmax = fast_exp(r.s[j] * inv_t - lse);
-    const Acc value = g * (softmax - (r.cls[j] == kPositive ? inv_pos : Acc(0))) * inv_t;
-    w[j] = r.cls[j] == kExcluded ? Acc(0) : value;
-  }
+  for (int64_t j = 0; j < r.m; ++j) w[j] = supcon_weight(r.cls[j], r.s[j], st.v, g, inv_t);
 }
 
 // ---- Multi-Similarity (PML MultiSimilarityLoss, optionally on MultiSimilarityMiner's pairs) -------
@@ -217,28 +257,21 @@ inline void ms_thresholds(const Row<Acc>& r, Acc& min_pos, Acc& max_neg) {
 }
 
 template <class Acc>
-FL_HD bool ms_keep_positive(const MsParams<Acc>& q, Acc s, Acc max_neg) {
+FL_HD_INLINE bool ms_keep_positive(const MsParams<Acc>& q, Acc s, Acc max_neg) {
   return !q.mining || s - q.eps < max_neg;
 }
 template <class Acc>
-FL_HD bool ms_keep_negative(const MsParams<Acc>& q, Acc s, Acc min_pos) {
+FL_HD_INLINE bool ms_keep_negative(const MsParams<Acc>& q, Acc s, Acc min_pos) {
   return !q.mining || s + q.eps > min_pos;
 }
 
 template <class Acc>
-FL_CPU_INLINE RowResult<Acc> multi_similarity_forward(const Row<Acc>& r, const MsParams<Acc>& q) {
+FL_HD_INLINE RowResult<Acc> multi_similarity_result(Acc lse_pos, Acc lse_neg, Acc kept_pos, Acc kept_neg, Acc min_pos,
+                                                    Acc max_neg, const MsParams<Acc>& q) {
   RowResult<Acc> out;
-  Acc min_pos, max_neg;
-  ms_thresholds(r, min_pos, max_neg);
-  auto pos = [&](int64_t j) { return r.cls[j] == kPositive && ms_keep_positive(q, r.s[j], max_neg); };
-  auto neg = [&](int64_t j) { return r.cls[j] == kNegative && ms_keep_negative(q, r.s[j], min_pos); };
-  const Acc lse_pos = row_lse<Acc>(r.m, [&](int64_t j) { return -q.alpha * (r.s[j] - q.base); }, pos, true);
-  const Acc lse_neg = row_lse<Acc>(r.m, [&](int64_t j) { return q.beta * (r.s[j] - q.base); }, neg, true);
-  for (int64_t j = 0; j < r.m; ++j) {
-    out.counts[0] += pos(j) ? 1 : 0;
-    out.counts[1] += neg(j) ? 1 : 0;
-  }
   out.terms[0] = lse_pos / q.alpha + lse_neg / q.beta;
+  out.counts[0] = kept_pos;
+  out.counts[1] = kept_neg;
   out.stats[0] = lse_pos;
   out.stats[1] = lse_neg;
   out.stats[2] = min_pos;
@@ -247,19 +280,38 @@ FL_CPU_INLINE RowResult<Acc> multi_similarity_forward(const Row<Acc>& r, const M
 }
 
 template <class Acc>
+FL_HD_INLINE Acc multi_similarity_weight(uint8_t cls, Acc s, const Acc* stats, Acc g, const MsParams<Acc>& q) {
+  const Acc lse_pos = stats[0], lse_neg = stats[1], min_pos = stats[2], max_neg = stats[3];
+  const bool pos = cls == kPositive && ms_keep_positive(q, s, max_neg);
+  const bool neg = cls == kNegative && ms_keep_negative(q, s, min_pos);
+  const Acc e_pos = -g * fast_exp(-q.alpha * (s - q.base) - lse_pos);
+  const Acc e_neg = g * fast_exp(q.beta * (s - q.base) - lse_neg);
+  return pos ? e_pos : (neg ? e_neg : Acc(0));
+}
+
+template <class Acc>
+FL_CPU_INLINE RowResult<Acc> multi_similarity_forward(const Row<Acc>& r, const MsParams<Acc>& q) {
+  Acc min_pos, max_neg;
+  ms_thresholds(r, min_pos, max_neg);
+  auto pos = [&](int64_t j) { return r.cls[j] == kPositive && ms_keep_positive(q, r.s[j], max_neg); };
+  auto neg = [&](int64_t j) { return r.cls[j] == kNegative && ms_keep_negative(q, r.s[j], min_pos); };
+  const Acc lse_pos = row_lse<Acc>(r.m, [&](int64_t j) { return -q.alpha * (r.s[j] - q.base); }, pos, true);
+  const Acc lse_neg = row_lse<Acc>(r.m, [&](int64_t j) { return q.beta * (r.s[j] - q.base); }, neg, true);
+  Acc kept_pos = 0, kept_neg = 0;
+  for (int64_t j = 0; j < r.m; ++j) {
+    kept_pos += pos(j) ? 1 : 0;
+    kept_neg += neg(j) ? 1 : 0;
+  }
+  return multi_similarity_result(lse_pos, lse_neg, kept_pos, kept_neg, min_pos, max_neg, q);
+}
+
+template <class Acc>
 FL_CPU_INLINE void multi_similarity_backward(const Row<Acc>& r, const Acc* stats, Acc g, const MsParams<Acc>& q,
                                              Acc* w) {
-  const Acc lse_pos = stats[0], lse_neg = stats[1], min_pos = stats[2], max_neg = stats[3];
   const MsParams<Acc> local = q;
+  const RowStats<Acc> st(stats);
 #pragma omp simd
-  for (int64_t j = 0; j < r.m; ++j) {
-    const Acc s = r.s[j];
-    const bool pos = r.cls[j] == kPositive && ms_keep_positive(local, s, max_neg);
-    const bool neg = r.cls[j] == kNegative && ms_keep_negative(local, s, min_pos);
-    const Acc e_pos = -g * fast_exp(-local.alpha * (s - local.base) - lse_pos);
-    const Acc e_neg = g * fast_exp(local.beta * (s - local.base) - lse_neg);
-    w[j] = pos ? e_pos : (neg ? e_neg : Acc(0));
-  }
+  for (int64_t j = 0; j < r.m; ++j) w[j] = multi_similarity_weight(r.cls[j], r.s[j], st.v, g, local);
 }
 
 // ---- Circle (PML CircleLoss): softplus(LSE_pos + LSE_neg) with detached relu weights --------------
@@ -267,26 +319,21 @@ FL_CPU_INLINE void multi_similarity_backward(const Row<Acc>& r, const Acc* stats
 template <class Acc>
 struct CircleParams {
   Acc gamma, op, on, delta_p, delta_n;
-  explicit FL_HD CircleParams(Acc m, Acc g) : gamma(g), op(1 + m), on(-m), delta_p(1 - m), delta_n(m) {}
-  FL_HD Acc pos_logit(Acc s) const { return -gamma * std::max(op - s, Acc(0)) * (s - delta_p); }
-  FL_HD Acc neg_logit(Acc s) const { return gamma * std::max(s - on, Acc(0)) * (s - delta_n); }
+  explicit FL_HD_INLINE CircleParams(Acc m, Acc g) : gamma(g), op(1 + m), on(-m), delta_p(1 - m), delta_n(m) {}
+  FL_HD_INLINE Acc pos_logit(Acc s) const { return -gamma * std::max(op - s, Acc(0)) * (s - delta_p); }
+  FL_HD_INLINE Acc neg_logit(Acc s) const { return gamma * std::max(s - on, Acc(0)) * (s - delta_n); }
   // d(logit)/ds with the relu weights detached (PML detaches alpha_p and alpha_n).
-  FL_HD Acc pos_slope(Acc s) const { return -gamma * std::max(op - s, Acc(0)); }
-  FL_HD Acc neg_slope(Acc s) const { return gamma * std::max(s - on, Acc(0)); }
+  FL_HD_INLINE Acc pos_slope(Acc s) const { return -gamma * std::max(op - s, Acc(0)); }
+  FL_HD_INLINE Acc neg_slope(Acc s) const { return gamma * std::max(s - on, Acc(0)); }
 };
 
+// A row without positives or without negatives is zero (PML), and its LSEs are not used.
 template <class Acc>
-RowResult<Acc> circle_forward(const Row<Acc>& r, const CircleParams<Acc>& q) {
+FL_HD_INLINE RowResult<Acc> circle_result(Acc positives, Acc negatives, Acc lse_pos, Acc lse_neg) {
   RowResult<Acc> out;
-  for (int64_t j = 0; j < r.m; ++j) {
-    out.counts[0] += r.cls[j] == kPositive ? 1 : 0;
-    out.counts[1] += r.cls[j] == kNegative ? 1 : 0;
-  }
-  if (out.counts[0] == 0 || out.counts[1] == 0) return out;  // PML zeroes such rows
-  const Acc lse_pos = row_lse<Acc>(r.m, [&](int64_t j) { return q.pos_logit(r.s[j]); },
-                                   [&](int64_t j) { return r.cls[j] == kPositive; }, false);
-  const Acc lse_neg = row_lse<Acc>(r.m, [&](int64_t j) { return q.neg_logit(r.s[j]); },
-                                   [&](int64_t j) { return r.cls[j] == kNegative; }, false);
+  out.counts[0] = positives;
+  out.counts[1] = negatives;
+  if (positives == 0 || negatives == 0) return out;
   out.terms[0] = softplus_acc(lse_pos + lse_neg);
   out.stats[0] = lse_pos;
   out.stats[1] = lse_neg;
@@ -294,28 +341,59 @@ RowResult<Acc> circle_forward(const Row<Acc>& r, const CircleParams<Acc>& q) {
   return out;
 }
 
+// outer: circle_outer(stats, g), the same for the whole row.
+template <class Acc>
+FL_HD_INLINE Acc circle_outer(const Acc* stats, Acc g) {
+  return stats[2] != 0 ? g * sigmoid_acc(stats[0] + stats[1]) : Acc(0);
+}
+template <class Acc>
+FL_HD_INLINE Acc circle_weight(uint8_t cls, Acc s, const Acc* stats, Acc outer, const CircleParams<Acc>& q) {
+  if (stats[2] == 0 || cls == kExcluded) return 0;
+  if (cls == kPositive) return outer * std::exp(q.pos_logit(s) - stats[0]) * q.pos_slope(s);
+  return outer * std::exp(q.neg_logit(s) - stats[1]) * q.neg_slope(s);
+}
+
+template <class Acc>
+RowResult<Acc> circle_forward(const Row<Acc>& r, const CircleParams<Acc>& q) {
+  Acc positives = 0, negatives = 0;
+  for (int64_t j = 0; j < r.m; ++j) {
+    positives += r.cls[j] == kPositive ? 1 : 0;
+    negatives += r.cls[j] == kNegative ? 1 : 0;
+  }
+  if (positives == 0 || negatives == 0) return circle_result<Acc>(positives, negatives, 0, 0);
+  const Acc lse_pos = row_lse<Acc>(r.m, [&](int64_t j) { return q.pos_logit(r.s[j]); },
+                                   [&](int64_t j) { return r.cls[j] == kPositive; }, false);
+  const Acc lse_neg = row_lse<Acc>(r.m, [&](int64_t j) { return q.neg_logit(r.s[j]); },
+                                   [&](int64_t j) { return r.cls[j] == kNegative; }, false);
+  return circle_result(positives, negatives, lse_pos, lse_neg);
+}
+
 template <class Acc>
 void circle_backward(const Row<Acc>& r, const Acc* stats, Acc g, const CircleParams<Acc>& q, Acc* w) {
-  const bool live = stats[2] != 0;
-  const Acc outer = live ? g * sigmoid_acc(stats[0] + stats[1]) : Acc(0);
-  for (int64_t j = 0; j < r.m; ++j) {
-    const Acc s = r.s[j];
-    if (!live || r.cls[j] == kExcluded) w[j] = 0;
-    else if (r.cls[j] == kPositive) w[j] = outer * std::exp(q.pos_logit(s) - stats[0]) * q.pos_slope(s);
-    else w[j] = outer * std::exp(q.neg_logit(s) - stats[1]) * q.neg_slope(s);
-  }
+  const RowStats<Acc> st(stats);
+  const Acc outer = circle_outer(st.v, g);
+  for (int64_t j = 0; j < r.m; ++j) w[j] = circle_weight(r.cls[j], r.s[j], st.v, outer, q);
 }
 
 // ---- Contrastive (PML ContrastiveLoss): hinge per positive and per negative pair ------------------
 // terms[0], counts[0]: positive pairs (sum, number > 0); terms[1], counts[1]: negative pairs.
 
 template <class Acc>
-FL_HD Acc contrastive_pos(bool cosine, Acc pos_margin, Acc s, Acc d) {
+FL_HD_INLINE Acc contrastive_pos(bool cosine, Acc pos_margin, Acc s, Acc d) {
   return std::max(cosine ? pos_margin - s : d - pos_margin, Acc(0));
 }
 template <class Acc>
-FL_HD Acc contrastive_neg(bool cosine, Acc neg_margin, Acc s, Acc d) {
+FL_HD_INLINE Acc contrastive_neg(bool cosine, Acc neg_margin, Acc s, Acc d) {
   return std::max(cosine ? s - neg_margin : neg_margin - d, Acc(0));
+}
+
+// grad: the upstream gradients of the positive and the negative sums; d: the distance (euclidean).
+template <class Acc>
+FL_HD_INLINE Acc contrastive_weight(uint8_t cls, Acc s, Acc d, const Acc* grad, Acc pos_margin, Acc neg_margin,
+                                    bool cosine) {
+  if (cls == kPositive && contrastive_pos(cosine, pos_margin, s, d) > 0) return grad[0] * (cosine ? Acc(-1) : distance_slope(d));
+  if (cls == kNegative && contrastive_neg(cosine, neg_margin, s, d) > 0) return grad[1] * (cosine ? Acc(1) : -distance_slope(d));
+  return 0;
 }
 
 template <class Acc>
@@ -338,15 +416,8 @@ RowResult<Acc> contrastive_forward(const Row<Acc>& r, Acc pos_margin, Acc neg_ma
 
 template <class Acc>
 void contrastive_backward(const Row<Acc>& r, const Acc* grad, Acc pos_margin, Acc neg_margin, bool cosine, Acc* w) {
-  for (int64_t j = 0; j < r.m; ++j) {
-    w[j] = 0;
-    const Acc d = cosine ? Acc(0) : r.dist[j];
-    if (r.cls[j] == kPositive && contrastive_pos(cosine, pos_margin, r.s[j], d) > 0) {
-      w[j] = grad[0] * (cosine ? Acc(-1) : distance_slope(d));
-    } else if (r.cls[j] == kNegative && contrastive_neg(cosine, neg_margin, r.s[j], d) > 0) {
-      w[j] = grad[1] * (cosine ? Acc(1) : -distance_slope(d));
-    }
-  }
+  for (int64_t j = 0; j < r.m; ++j)
+    w[j] = contrastive_weight(r.cls[j], r.s[j], cosine ? Acc(0) : r.dist[j], grad, pos_margin, neg_margin, cosine);
 }
 
 // ---- Triplet (PML TripletMarginLoss with all triplets, BatchHardMiner or TripletMarginMiner
@@ -358,9 +429,9 @@ template <class Acc>
 struct TripletParams {
   Acc margin, mining_margin;
   TripletMining mining;
-  FL_HD Acc violation(Acc d_ap, Acc d_an) const { return (d_ap - d_an) + margin; }
+  FL_HD_INLINE Acc violation(Acc d_ap, Acc d_an) const { return (d_ap - d_an) + margin; }
   // Semi-hard: 0 < d_an - d_ap <= mining_margin (PML's triplet_margin = an - ap).
-  FL_HD bool semi_hard(Acc d_ap, Acc d_an) const {
+  FL_HD_INLINE bool semi_hard(Acc d_ap, Acc d_an) const {
     const Acc gap = d_an - d_ap;
     return gap > 0 && gap <= mining_margin;
   }
@@ -471,8 +542,23 @@ void triplet_backward(const Row<Acc>& r, Acc g, const TripletParams<Acc>& q, Tri
 // ---- AUC (Mann-Whitney): mean over the row's negatives of softplus((s_n - s_target) / t) ---------
 
 template <class Acc>
-RowResult<Acc> auc_forward(const Row<Acc>& r, Acc inv_t) {
+FL_HD_INLINE RowResult<Acc> auc_result(Acc sum, Acc negatives) {
   RowResult<Acc> out;
+  out.terms[0] = negatives > 0 ? sum / negatives : Acc(0);
+  out.counts[0] = 1;
+  out.stats[0] = negatives;
+  return out;
+}
+
+// A negative's W entry; the target's is minus the sum of the row's others.
+template <class Acc>
+FL_HD_INLINE Acc auc_weight(bool target, uint8_t cls, Acc s, Acc s_target, Acc negatives, Acc g, Acc inv_t) {
+  if (target || cls == kExcluded || negatives == 0) return 0;
+  return g * sigmoid_acc((s - s_target) * inv_t) * inv_t / negatives;
+}
+
+template <class Acc>
+RowResult<Acc> auc_forward(const Row<Acc>& r, Acc inv_t) {
   const Acc s_t = r.s[r.target];
   Acc sum = 0, negatives = 0;
   for (int64_t j = 0; j < r.m; ++j) {
@@ -480,21 +566,15 @@ RowResult<Acc> auc_forward(const Row<Acc>& r, Acc inv_t) {
     sum += softplus_acc((r.s[j] - s_t) * inv_t);
     negatives += 1;
   }
-  out.terms[0] = negatives > 0 ? sum / negatives : Acc(0);
-  out.counts[0] = 1;
-  out.stats[0] = negatives;
-  return out;
+  return auc_result(sum, negatives);
 }
 
 template <class Acc>
 void auc_backward(const Row<Acc>& r, const Acc* stats, Acc g, Acc inv_t, Acc* w) {
-  const Acc negatives = stats[0];
   const Acc s_t = r.s[r.target];
   Acc total = 0;
   for (int64_t j = 0; j < r.m; ++j) {
-    w[j] = 0;
-    if (j == r.target || r.cls[j] == kExcluded || negatives == 0) continue;
-    w[j] = g * sigmoid_acc((r.s[j] - s_t) * inv_t) * inv_t / negatives;
+    w[j] = auc_weight(j == r.target, r.cls[j], r.s[j], s_t, stats[0], g, inv_t);
     total += w[j];
   }
   w[r.target] = -total;
