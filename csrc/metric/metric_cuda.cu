@@ -108,7 +108,7 @@ __global__ void __launch_bounds__(kThreads) squared_norms_kernel(const T* __rest
 }
 
 // The pair classes of rows [r0, r0 + rows), as Inputs::classify of metric_cpu.cpp: labels, or the
-// target column (InfoNCE, AUC), then the self pair excluded. Positive lists come after
+// target column (AUC; InfoNCE runs in info_nce_cuda.cu), then the self pair excluded. Positive lists come after
 // (positive_lists_kernel).
 struct ClassifyParams {
   int64_t r0, rows, m;
@@ -190,6 +190,11 @@ __device__ RowResult<float> forward_row(const Team& t, const RowParams& q, const
 template <class Team>
 __device__ void backward_row(const Team& t, const RowParams& q, const DeviceRow& row, const float* stats,
                              const float* grad, float* w) {
+  // Local copies: the weights are written through w, which the compiler cannot tell from these.
+  const RowStats<float> saved(stats);
+  const float upstream[kRowTerms] = {grad[0], grad[1]};
+  stats = saved.v;
+  grad = upstream;
   const float g = grad[0];
   const float inv_t = 1.0f / q.p0;
   switch (q.kind) {

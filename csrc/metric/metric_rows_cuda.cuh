@@ -173,19 +173,23 @@ template <class Team>
 __device__ inline RowResult<float> contrastive_forward(const Team& t, const DeviceRow& r, float pos_margin,
                                                        float neg_margin, bool cosine) {
   RowResult<float> out;
-  float sums[kRowTerms] = {0, 0}, counts[kRowTerms] = {0, 0};  // positive pairs, negative pairs
+  float pos_sum = 0, neg_sum = 0, pos_count = 0, neg_count = 0;
   FL_TEAM_COLUMNS(t, j, r.m) {
     const float d = cosine ? 0.0f : r.dist(j);
-    if (r.cls[j] == kExcluded) continue;
-    const int k = r.cls[j] == kPositive ? 0 : 1;
-    const float loss = k == 0 ? contrastive_pos(cosine, pos_margin, r.s[j], d) : contrastive_neg(cosine, neg_margin, r.s[j], d);
-    sums[k] += loss;
-    counts[k] += loss > 0 ? 1.0f : 0.0f;
+    if (r.cls[j] == kPositive) {
+      const float loss = contrastive_pos(cosine, pos_margin, r.s[j], d);
+      pos_sum += loss;
+      pos_count += loss > 0 ? 1.0f : 0.0f;
+    } else if (r.cls[j] == kNegative) {
+      const float loss = contrastive_neg(cosine, neg_margin, r.s[j], d);
+      neg_sum += loss;
+      neg_count += loss > 0 ? 1.0f : 0.0f;
+    }
   }
-  for (int k = 0; k < kRowTerms; ++k) {
-    out.terms[k] = team_sum(t, sums[k]);
-    out.counts[k] = team_sum(t, counts[k]);
-  }
+  out.terms[0] = team_sum(t, pos_sum);
+  out.terms[1] = team_sum(t, neg_sum);
+  out.counts[0] = team_sum(t, pos_count);
+  out.counts[1] = team_sum(t, neg_count);
   return out;
 }
 

@@ -4,9 +4,10 @@
 // follow pytorch-metric-learning's losses and miners, cited per loss; the reduction over rows (mean,
 // mean of the nonzero terms) is done by the caller from the terms and counts.
 //
-// The per-pair math (FL_HD: softplus, distances, margins, the circle logits, MS mining, triplet
-// conditions) is shared with the CUDA row kernels (metric_rows_cuda.cuh), which run the same row
-// functions with a warp per row.
+// The per-pair math (FL_HD_INLINE: softplus, distances, margins, the circle logits, MS mining,
+// triplet conditions), each row's result from its sums and each pair's entry of W are shared with
+// the CUDA row kernels (metric_rows_cuda.cuh), which run the row functions with a team of threads
+// (a warp or a block) per row.
 #pragma once
 
 #include <algorithm>
@@ -33,12 +34,12 @@ struct Row {
   const Acc* dist;      // contrastive / triplet (euclidean): m distances, else null
 };
 
-// A row's statistics copied out of the saved array: in the CPU loops that write W, a local copy
-// cannot alias W, so the compiler keeps them in registers.
+// A row's statistics copied out of the saved array: in the loops that write W, a local copy cannot
+// alias W, so the compiler keeps them in registers.
 template <class Acc>
 struct RowStats {
   Acc v[kRowStats];
-  explicit RowStats(const Acc* stats) {
+  explicit FL_HD_INLINE RowStats(const Acc* stats) {
     for (int k = 0; k < kRowStats; ++k) v[k] = stats[k];
   }
 };

@@ -149,7 +149,8 @@ def _backward(grad_row, grad_col, row_stats, col_stats, x, y, labels_x, labels_y
     L.launch("metric_backward", device, grad_x, problem, _ptr(row_stats.contiguous()), _ptr(col_stats.contiguous()),
              _ptr(grad_row), _ptr(grad_col), _ptr(grad_x), _ptr(grad_y), grad_scale.data_ptr(), workspace,
              workspace_bytes)  # fmt: skip
-    return grad_x.to(x.dtype), grad_y.to(y.dtype), grad_scale.to(scale.dtype)
+    # d(scale) on the scale's device and dtype (a CPU scalar with CUDA embeddings), as the fake impl says.
+    return grad_x.to(x.dtype), grad_y.to(y.dtype), grad_scale.to(device=scale.device, dtype=scale.dtype)
 
 
 def _backward_fake(grad_row, grad_col, row_stats, col_stats, x, y, *rest):
@@ -198,7 +199,8 @@ def _autograd_backward(ctx, grad_terms, grad_counts, grad_stats, grad_col_terms,
     fused = _fused_gradient(grad_terms, grad_col_terms, unit_x, unit_y, unit_scale, active)
     if fused is not None:
         grad_x, grad_y, grad_scale = fused
-        return (grad_x.to(x.dtype), grad_y.to(y.dtype), None, None, None, None, None, grad_scale.to(scale.dtype)) + \
+        return (grad_x.to(x.dtype), grad_y.to(y.dtype), None, None, None, None, None,
+                grad_scale.to(device=scale.device, dtype=scale.dtype)) + \
             (None,) * 8
     if grad_terms is None:
         grad_terms = torch.zeros(row_stats.shape[0], ROW_TERMS, dtype=row_stats.dtype, device=row_stats.device)
