@@ -2,11 +2,13 @@
 // so S is never written to memory. The tiles come from cuda_gemm's tile_product (tensor cores for
 // 16-bit inputs, fp32 FMA for float32), which leaves each 128 x 128 tile of S in shared memory.
 //
-//   info_nce_rows_kernel     a block per 128 query rows walks every column tile: an online
+//   info_nce_rows_kernel     a block per 128 query rows walks the column tiles of its split (the
+//                            columns are split over blocks when there are few row blocks): an online
 //                            log-sum-exp per row (two threads a row), the positive's similarity,
 //                            and for the symmetric loss each tile's column (max, sum) over its 128
 //                            rows, written per row block (launches over groups of row blocks whose
 //                            parts fit the workspace budget)
+//   row_terms_kernel         the row terms: the splits' parts merged in column order
 //   fold_column_parts_kernel the column log-sum-exps: those parts merged in row order, group by group
 //   info_nce_weights_kernel  the backward's W = dL/dS tile by tile from the saved statistics
 //                            (row part, and the column part of the symmetric loss), written for a
@@ -71,6 +73,9 @@ struct ForwardParams {
   float* stats;            // (n, kRowStats): LSE_i, s_i,target
   float2* col_parts;       // symmetric: (row blocks of this launch, m) column (max, sum) of each; else null
   int64_t first_tile;      // this launch's first row block (launches go over groups of row blocks)
+  int64_t tiles_per_split; // column tiles of one block (blockIdx.y: the block's split of the columns)
+  float2* row_parts;       // (splits, n): each split's (max, sum) of every row
+  float* row_positive;     // (splits, n): s_i,target where the split holds the target, else NaN
 };
 
 // Extra shared memory after the tile: the two halves' column parts (2 x 128 float2).
@@ -94,7 +99,9 @@ __global__ void __launch_bounds__(kThreads) info_nce_rows_kernel(Operands<T, T> 
   const int cc = static_cast<int>(threadIdx.x) % kTile, rows_half = static_cast<int>(threadIdx.x) / kTile;
   const int column_rows = static_cast<int>(std::min<int64_t>(64, std::max<int64_t>(0, f.n - row0 - rows_half * 64)));
 
-  for (int64_t col0 = 0; col0 < f.m; col0 += kTile) {
+  const int64_t split = blockIdx.y;
+  const int64_t col_end = std::min(f.m, (split + 1) * f.tiles_per_split * kTile);
+  for (int64_t col0 = split * f.tiles_per_split * kTile; col0 < col_end; col0 += kTile) {
     const float* tile = cuda_gemm::tile_product<TC, ARow, BRow>(op, row0, col0, smem);
     const int valid_cols = static_cast<int>(std::min<int64_t>(kTile, f.m - col0));
     if (row_valid) {
@@ -119,8 +126,22 @@ __global__ void __launch_bounds__(kThreads) info_nce_rows_kernel(Operands<T, T> 
   row = merge_lse(row, other);
   if (isnan(positive)) positive = other_positive;
   if (!row_valid || half != 0) return;
-  const float lse = row.x + logf(row.y);
-  const RowResult<float> res = info_nce_result(lse, positive, f.scale);
+  f.row_parts[split * f.n + i] = row;
+  f.row_positive[split * f.n + i] = positive;
+}
+
+// Each row's terms and statistics from its splits' parts, merged in column order.
+__global__ void row_terms_kernel(ForwardParams f, int64_t splits) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= f.n) return;
+  float2 row = make_float2(kNegInfinity, 0.0f);
+  float positive = NAN;
+  for (int64_t k = 0; k < splits; ++k) {
+    row = merge_lse(row, f.row_parts[k * f.n + i]);
+    const float candidate = f.row_positive[k * f.n + i];
+    if (isnan(positive)) positive = candidate;
+  }
+  const RowResult<float> res = info_nce_result(row.x + logf(row.y), positive, f.scale);
   for (int k = 0; k < kRowTerms; ++k) {
     f.terms[i * kRowTerms + k] = res.terms[k];
     f.counts[i * kRowTerms + k] = res.counts[k];
@@ -254,8 +275,23 @@ int64_t row_blocks_per_launch(const PairProblem& p) {
   return std::min(row_tiles, std::max<int64_t>(1, chunk_budget_bytes() / (p.m * int64_t(sizeof(float2)))));
 }
 
+// The forward splits the columns over blocks when there are few row blocks, so that a launch has
+// about 512 blocks (4 per SM on an H100) or every block has one column tile. Sizes only: the same
+// on every GPU, so the workspace query needs no device.
+struct ColumnSplits {
+  int64_t splits, tiles_per_split;
+};
+ColumnSplits column_splits(const PairProblem& p) {
+  const int64_t row_tiles = (p.n + kTile - 1) / kTile, col_tiles = (p.m + kTile - 1) / kTile;
+  const int64_t wanted = std::min<int64_t>({col_tiles, 64, std::max<int64_t>(1, (512 + row_tiles - 1) / row_tiles)});
+  const int64_t per_split = (col_tiles + wanted - 1) / wanted;
+  return ColumnSplits{(col_tiles + per_split - 1) / per_split, per_split};
+}
+
 struct Layout {
-  float2* col_parts = nullptr;  // symmetric forward: row_blocks_per_launch x m
+  float2* row_parts = nullptr;    // forward: splits x n
+  float* row_positive = nullptr;  // forward: splits x n
+  float2* col_parts = nullptr;    // symmetric forward: row_blocks_per_launch x m
   float2* col_running = nullptr;  // symmetric forward: m
   void* w = nullptr;            // gradient: chunk_rows x m
   float* tile_sums = nullptr;   // gradient: row tiles x column tiles
@@ -270,6 +306,11 @@ int64_t layout(const PairProblem& p, bool forward, bool gradient, char* base, La
     return at;
   };
   const int64_t row_tiles = (p.n + kTile - 1) / kTile, col_tiles = (p.m + kTile - 1) / kTile;
+  if (forward) {
+    const int64_t splits = column_splits(p).splits;
+    ws.row_parts = reinterpret_cast<float2*>(take(splits * p.n * int64_t(sizeof(float2))));
+    ws.row_positive = reinterpret_cast<float*>(take(splits * p.n * int64_t(sizeof(float))));
+  }
   if (forward && p.symmetric) {
     ws.col_parts = reinterpret_cast<float2*>(take(row_blocks_per_launch(p) * p.m * int64_t(sizeof(float2))));
     ws.col_running = reinterpret_cast<float2*>(take(p.m * int64_t(sizeof(float2))));
@@ -304,7 +345,9 @@ void run_typed(const PairProblem& p, const Pass& pass, void* workspace, int64_t 
   bool a_row, b_row;
 
   if (forward) {
-    ForwardParams f{n, m, scale, p.targets, pass.terms, pass.counts, pass.stats, ws.col_parts, 0};
+    const ColumnSplits splits = column_splits(p);
+    ForwardParams f{n, m, scale, p.targets, pass.terms, pass.counts, pass.stats, ws.col_parts, 0,
+                    splits.tiles_per_split, ws.row_parts, ws.row_positive};
     const Operands<T, T> op = cuda_gemm::operands(n, m, dim, View<T>{x, dim, 1}, View<T>{y, 1, dim}, a_row, b_row);
     const int64_t per_launch = row_blocks_per_launch(p);
     for (int64_t first = 0; first < row_tiles; first += per_launch) {
@@ -315,7 +358,8 @@ void run_typed(const PairProblem& p, const Pass& pass, void* workspace, int64_t 
         constexpr size_t kSmem = TileProduct<TS, kARow, kBRow>::kSmemBytes + kColumnScratchBytes;
         auto kernel = info_nce_rows_kernel<TS, kARow, kBRow, T>;
         set_smem(kernel, kSmem);
-        kernel<<<static_cast<unsigned>(blocks), kThreads, kSmem, stream>>>(op, f);
+        const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(splits.splits));
+        kernel<<<grid, kThreads, kSmem, stream>>>(op, f);
         FL_CUDA_CHECK_LAUNCH(info_nce_rows_kernel);
       });
       if (p.symmetric) {
@@ -324,7 +368,9 @@ void run_typed(const PairProblem& p, const Pass& pass, void* workspace, int64_t 
         FL_CUDA_CHECK_LAUNCH(fold_column_parts_kernel);
       }
     }
-    if (p.symmetric) {
+    row_terms_kernel<<<blocks_for(n, kThreads), kThreads, 0, stream>>>(f, splits.splits);
+    FL_CUDA_CHECK_LAUNCH(row_terms_kernel);
+    if (p.symmetric) {  // (after the row terms: it reads each row's positive from the statistics)
       column_terms_kernel<<<blocks_for(m, kThreads), kThreads, 0, stream>>>(ws.col_running, m, scale, pass.stats,
                                                                             pass.col_stats_out, pass.col_terms);
       FL_CUDA_CHECK_LAUNCH(column_terms_kernel);
@@ -380,7 +426,9 @@ void run_typed(const PairProblem& p, const Pass& pass, void* workspace, int64_t 
 
 int64_t info_nce_workspace_bytes(const PairProblem& p, bool gradient) {
   Layout ws;
-  // A forward with the fused gradient is never symmetric; a backward needs no column parts.
+  // A forward with the fused gradient is never symmetric; a backward needs no column parts. (The
+  // query cannot tell a one-way backward from a forward with the fused gradient: the former gets the
+  // forward's row parts too, splits x n x 12 bytes.)
   return layout(p, !gradient || !p.symmetric, gradient, nullptr, ws);
 }
 
