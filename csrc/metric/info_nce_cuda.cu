@@ -282,8 +282,8 @@ struct ColumnSplits {
   int64_t splits, tiles_per_split;
 };
 ColumnSplits column_splits(const PairProblem& p) {
-  const int64_t row_tiles = (p.n + kTile - 1) / kTile, col_tiles = (p.m + kTile - 1) / kTile;
-  const int64_t wanted = std::min<int64_t>({col_tiles, 64, std::max<int64_t>(1, (512 + row_tiles - 1) / row_tiles)});
+  const int64_t row_blocks = row_blocks_per_launch(p), col_tiles = (p.m + kTile - 1) / kTile;
+  const int64_t wanted = std::min<int64_t>({col_tiles, 64, std::max<int64_t>(1, (512 + row_blocks - 1) / row_blocks)});
   const int64_t per_split = (col_tiles + wanted - 1) / wanted;
   return ColumnSplits{(col_tiles + per_split - 1) / per_split, per_split};
 }
