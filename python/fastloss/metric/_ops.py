@@ -96,16 +96,27 @@ def _check_indices(x, y, labels_x, labels_y, targets, pos_ptr, pos_idx) -> None:
         raise ValueError(f"fastloss.metric: x {tuple(x.shape)} and y {tuple(y.shape)} must be (n, d) and (m, d)")
 
 
+class _Call:
+    """One kernel call's view of the op's arguments: x and y as the kernels read them, the contiguous
+    index vectors (kept alive here while the kernels hold their pointers), the problem and the
+    workspace."""
+
+    def __init__(self, x, y, labels_x, labels_y, targets, pos_ptr, pos_idx, scale, self_offset, kind, p1, p2, p3,
+                 option, symmetric, *, device, gradient):  # fmt: skip
+        self.x, self.y = _kernel_inputs(x, y, device)
+        self.indices = _contiguous(labels_x, labels_y, targets, pos_ptr, pos_idx)
+        self.problem = _problem(self.x, self.y, *self.indices, scale, self_offset, kind, p1, p2, p3, option, symmetric)
+        self.workspace, self.workspace_bytes, self._buffer = _workspace(self.problem, device, gradient, self.x)
+
+
 def _forward(x, y, labels_x, labels_y, targets, pos_ptr, pos_idx, scale, self_offset, kind, p1, p2, p3, option,
              symmetric, with_grad=False, *, device):  # fmt: skip
     _check_indices(x, y, labels_x, labels_y, targets, pos_ptr, pos_idx)
     _check_index_values(x, y, targets, pos_ptr, pos_idx)
     acc = _compute_dtype(x)
-    xc, yc = _kernel_inputs(x, y, device)
-    labels_x, labels_y, targets, pos_ptr, pos_idx = _contiguous(labels_x, labels_y, targets, pos_ptr, pos_idx)
-    problem = _problem(xc, yc, labels_x, labels_y, targets, pos_ptr, pos_idx, scale, self_offset, kind, p1, p2, p3,
-                       option, symmetric)  # fmt: skip
-    workspace, workspace_bytes, _buffer = _workspace(problem, device, with_grad, xc)
+    call = _Call(x, y, labels_x, labels_y, targets, pos_ptr, pos_idx, scale, self_offset, kind, p1, p2, p3, option,
+                 symmetric, device=device, gradient=with_grad)  # fmt: skip
+    xc, yc, problem = call.x, call.y, call.problem
     n, m = xc.shape[0], yc.shape[0]
     terms = L.empty((n, ROW_TERMS), acc, xc.device)
     counts = L.empty((n, ROW_TERMS), acc, xc.device)
@@ -117,8 +128,8 @@ def _forward(x, y, labels_x, labels_y, targets, pos_ptr, pos_idx, scale, self_of
     unit_scale = L.empty((1,) if with_grad else (0,), acc, xc.device)
     active = L.empty((n if with_grad else 0,), acc, xc.device)
     L.launch("metric_forward", device, terms, problem, _ptr(terms), _ptr(counts), _ptr(stats), _ptr(col_terms),
-             _ptr(col_stats), _ptr(unit_x), _ptr(unit_y), _ptr(unit_scale), _ptr(active), workspace,
-             workspace_bytes)  # fmt: skip
+             _ptr(col_stats), _ptr(unit_x), _ptr(unit_y), _ptr(unit_scale), _ptr(active), call.workspace,
+             call.workspace_bytes)  # fmt: skip
     return terms, counts, stats, col_terms, col_stats, unit_x, unit_y, unit_scale, active
 
 
@@ -136,19 +147,18 @@ def _forward_fake(x, y, labels_x, labels_y, targets, pos_ptr, pos_idx, scale, se
 def _backward(grad_row, grad_col, row_stats, col_stats, x, y, labels_x, labels_y, targets, pos_ptr, pos_idx, scale,
               self_offset, kind, p1, p2, p3, option, symmetric, with_grad=False, *, device):  # fmt: skip
     acc = _compute_dtype(x)
-    xc, yc = _kernel_inputs(x, y, device)
-    labels_x, labels_y, targets, pos_ptr, pos_idx = _contiguous(labels_x, labels_y, targets, pos_ptr, pos_idx)
-    problem = _problem(xc, yc, labels_x, labels_y, targets, pos_ptr, pos_idx, scale, self_offset, kind, p1, p2, p3,
-                       option, symmetric)  # fmt: skip
-    workspace, workspace_bytes, _buffer = _workspace(problem, device, True, xc)
+    call = _Call(x, y, labels_x, labels_y, targets, pos_ptr, pos_idx, scale, self_offset, kind, p1, p2, p3, option,
+                 symmetric, device=device, gradient=True)  # fmt: skip
+    xc, yc, problem = call.x, call.y, call.problem
     grad_x = L.empty(xc.shape, acc, xc.device)
     grad_y = L.empty(yc.shape, acc, xc.device)
     grad_scale = L.empty((), acc, xc.device)
     grad_row = grad_row.to(acc).contiguous()
     grad_col = grad_col.to(acc).contiguous()
-    L.launch("metric_backward", device, grad_x, problem, _ptr(row_stats.contiguous()), _ptr(col_stats.contiguous()),
-             _ptr(grad_row), _ptr(grad_col), _ptr(grad_x), _ptr(grad_y), grad_scale.data_ptr(), workspace,
-             workspace_bytes)  # fmt: skip
+    row_stats, col_stats = row_stats.contiguous(), col_stats.contiguous()  # (alive while the kernels read them)
+    L.launch("metric_backward", device, grad_x, problem, _ptr(row_stats), _ptr(col_stats),
+             _ptr(grad_row), _ptr(grad_col), _ptr(grad_x), _ptr(grad_y), grad_scale.data_ptr(), call.workspace,
+             call.workspace_bytes)  # fmt: skip
     # d(scale) on the scale's device and dtype (a CPU scalar with CUDA embeddings), as the fake impl says.
     return grad_x.to(x.dtype), grad_y.to(y.dtype), grad_scale.to(device=scale.device, dtype=scale.dtype)
 
