@@ -102,17 +102,10 @@ __device__ inline RowResult<float> positives_vs_negatives_forward(const Team& t,
                                                                   bool per_row_mean) {
   const float ln = team_lse(t, r, [&](int64_t j) { return r.s[j] * inv_t; },
                             [&](int64_t j) { return r.cls[j] == kNegative; }, false);
-  float sum = 0, weight = 0, positives = 0, negatives = 0;
-  FL_TEAM_COLUMNS(t, j, r.m) {
-    if (r.cls[j] == kNegative) negatives += 1;
-    if (r.cls[j] != kPositive) continue;
-    positives += 1;
-    if (ln == kNegInf<float>) continue;  // no negative: the pair's loss is log(1) = 0
-    sum += softplus_acc(ln - r.s[j] * inv_t);
-    weight += sigmoid_acc(ln - r.s[j] * inv_t);
-  }
-  return positives_vs_negatives_result(ln, team_sum(t, sum), team_sum(t, weight), team_sum(t, positives),
-                                       team_sum(t, negatives), per_row_mean);
+  PositivesVsNegativesSums<float> sums;
+  FL_TEAM_COLUMNS(t, j, r.m) sums.add(r.cls[j], r.s[j], ln, inv_t);
+  return positives_vs_negatives_result(ln, team_sum(t, sums.sum), team_sum(t, sums.weight),
+                                       team_sum(t, sums.positives), team_sum(t, sums.negatives), per_row_mean);
 }
 
 template <class Team>

@@ -158,6 +158,20 @@ FL_HD_INLINE RowResult<Acc> positives_vs_negatives_result(Acc ln, Acc sum, Acc w
   return out;
 }
 
+// One row's (or one thread's share of a row's) sums for positives_vs_negatives_result.
+template <class Acc>
+struct PositivesVsNegativesSums {
+  Acc sum = 0, weight = 0, positives = 0, negatives = 0;
+  FL_HD_INLINE void add(uint8_t cls, Acc s, Acc ln, Acc inv_t) {
+    if (cls == kNegative) negatives += 1;
+    if (cls != kPositive) return;
+    positives += 1;
+    if (ln == kNegInf<Acc>) return;  // no negative: the pair's loss is log(1) = 0
+    sum += softplus_acc(ln - s * inv_t);
+    weight += sigmoid_acc(ln - s * inv_t);
+  }
+};
+
 // 0 when the row has no negative (every pair's loss is log 1 = 0).
 template <class Acc>
 FL_HD_INLINE Acc positives_vs_negatives_weight(uint8_t cls, Acc s, const Acc* stats, Acc g, Acc inv_t) {
@@ -173,16 +187,9 @@ template <class Acc>
 FL_CPU_INLINE RowResult<Acc> positives_vs_negatives_forward(const Row<Acc>& r, Acc inv_t, bool per_row_mean) {
   const Acc ln = row_lse<Acc>(r.m, [&](int64_t j) { return r.s[j] * inv_t; },
                               [&](int64_t j) { return r.cls[j] == kNegative; }, false);
-  Acc sum = 0, weight = 0, positives = 0, negatives = 0;
-  for (int64_t j = 0; j < r.m; ++j) {
-    if (r.cls[j] == kNegative) negatives += 1;
-    if (r.cls[j] != kPositive) continue;
-    positives += 1;
-    if (ln == kNegInf<Acc>) continue;  // no negative: the pair's loss is log(1) = 0
-    sum += softplus_acc(ln - r.s[j] * inv_t);
-    weight += sigmoid_acc(ln - r.s[j] * inv_t);
-  }
-  return positives_vs_negatives_result(ln, sum, weight, positives, negatives, per_row_mean);
+  PositivesVsNegativesSums<Acc> sums;
+  for (int64_t j = 0; j < r.m; ++j) sums.add(r.cls[j], r.s[j], ln, inv_t);
+  return positives_vs_negatives_result(ln, sums.sum, sums.weight, sums.positives, sums.negatives, per_row_mean);
 }
 
 template <class Acc>
