@@ -2,6 +2,9 @@
 #   FASTLOSS_CUDA=AUTO  build them when nvcc is found (default)
 #   FASTLOSS_CUDA=ON    require nvcc
 #   FASTLOSS_CUDA=OFF   CPU kernels only
+#   FASTLOSS_CUDA=SIMULATE  the CUDA kernels compiled as host C++ against the simulated device
+#                       (csrc/sim/, docs/simulator.md): no nvcc, no GPU; the _cuda entry points
+#                       take host memory
 # FASTLOSS_CUDA_ARCHS (semicolon or comma separated, e.g. "90a" or "80;90a"):
 #   empty -> "native" when nvidia-smi sees a GPU, else FASTLOSS_DEFAULT_CUDA_ARCHS.
 set(FASTLOSS_DEFAULT_CUDA_ARCHS "80-real;86-real;89-real;90a-real;90-virtual")
@@ -20,16 +23,21 @@ string(REGEX MATCH "\nversion = \"([^\"]+)\"" _fl_match "${_fl_pyproject}")
 set(FASTLOSS_VERSION "${CMAKE_MATCH_1}")
 
 string(TOUPPER "${FASTLOSS_CUDA}" _fl_cuda_mode)
-if(NOT _fl_cuda_mode MATCHES "^(AUTO|ON|OFF|1|0|TRUE|FALSE|YES|NO)$")
-  message(FATAL_ERROR "FASTLOSS_CUDA must be AUTO, ON or OFF, got '${FASTLOSS_CUDA}'")
+if(NOT _fl_cuda_mode MATCHES "^(AUTO|ON|OFF|SIMULATE|1|0|TRUE|FALSE|YES|NO)$")
+  message(FATAL_ERROR "FASTLOSS_CUDA must be AUTO, ON, OFF or SIMULATE, got '${FASTLOSS_CUDA}'")
 endif()
+set(FASTLOSS_SIMULATE_CUDA OFF)
 if(_fl_cuda_mode MATCHES "^(1|TRUE|YES)$")
   set(_fl_cuda_mode ON)
 elseif(_fl_cuda_mode MATCHES "^(0|FALSE|NO)$")
   set(_fl_cuda_mode OFF)
 endif()
 
-if(NOT _fl_cuda_mode STREQUAL "OFF")
+if(_fl_cuda_mode STREQUAL "SIMULATE")
+  set(FASTLOSS_SIMULATE_CUDA ON)
+  set(FASTLOSS_CUDA_ARCHS_USED "simulated")
+  message(STATUS "fastloss: CUDA kernels SIMULATED on the CPU (csrc/sim/, no nvcc used)")
+elseif(NOT _fl_cuda_mode STREQUAL "OFF")
   include(CheckLanguage)
   check_language(CUDA)
   if(CMAKE_CUDA_COMPILER)

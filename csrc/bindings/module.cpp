@@ -26,6 +26,7 @@ namespace py = pybind11;
 void bind_ot(py::module_& m);
 void bind_attention(py::module_& m);
 void bind_metric(py::module_& m);
+void bind_simulator(py::module_& m);
 
 namespace {
 
@@ -51,9 +52,15 @@ py::dict build_info() {
   cudaGetLastError();
   info["cuda_runtime_version"] = runtime_version;
   info["cuda_driver_version"] = driver_version;
+#if defined(FASTLOSS_CUDA_SIMULATED)
+  info["cuda_simulated"] = true;  // the _cuda entry points run on the simulated device, on host memory
+#else
+  info["cuda_simulated"] = false;
+#endif
 #else
   info["cuda"] = false;
   info["cuda_archs"] = "";
+  info["cuda_simulated"] = false;
 #endif
 #if defined(__clang__)
   info["compiler"] = std::string("clang ") + __clang_version__;
@@ -344,4 +351,5 @@ PYBIND11_MODULE(_C, m) {
   bind_ot(m);
   bind_attention(m);
   bind_metric(m);
+  bind_simulator(m);
 }

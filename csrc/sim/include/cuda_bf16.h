@@ -1,0 +1,3 @@
+// __nv_bfloat16 for the simulated device (FASTLOSS_CUDA=SIMULATE): see csrc/sim/sim_half.h.
+#pragma once
+#include "../sim_half.h"

@@ -1,0 +1,3 @@
+// __half for the simulated device (FASTLOSS_CUDA=SIMULATE): see csrc/sim/sim_half.h.
+#pragma once
+#include "../sim_half.h"
