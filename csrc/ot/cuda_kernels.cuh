@@ -38,11 +38,10 @@ __device__ __forceinline__ bool is_skipped(const int32_t* done_at, int64_t b, in
   return done_at != nullptr && done_at[b] >= 0 && done_at[b] < iteration;
 }
 
-// h / eps + log w, -inf for zero mass.
+// h / eps + log w, -inf for zero mass, NaN for NaN input (scaled_potential_entry, ot_math.h).
 template <class Acc>
 __device__ __forceinline__ Acc scaled(const Acc* h, const Acc* log_w, int64_t index, Acc inv_eps) {
-  const Acc lw = log_w[index];
-  return lw == neg_inf<Acc>() ? lw : h[index] * inv_eps + lw;
+  return scaled_potential_entry<Acc>(h[index], log_w[index], inv_eps);
 }
 
 template <class Acc>
@@ -111,10 +110,8 @@ __global__ void __launch_bounds__(kThreads) dense_rows_softmin_kernel(SoftminPar
   const Acc* h = p.h + b * p.m;
   const Acc* lw = p.log_w + b * p.m;
   LogSumExp<Acc> acc = LogSumExp<Acc>::empty();
-  for (int64_t j = lane; j < p.m; j += 32) {
-    const Acc hb = scaled(h, lw, j, p.inv_eps);
-    if (hb != neg_inf<Acc>()) acc.add(hb - to_acc(c[j]) * p.inv_eps);
-  }
+  for (int64_t j = lane; j < p.m; j += 32)
+    acc.add(pair_exponent<Acc>(scaled(h, lw, j, p.inv_eps), to_acc(c[j]) * p.inv_eps));
 #pragma unroll
   for (int mask = 16; mask > 0; mask /= 2) acc = shfl_merge(acc, mask);
   if (lane == 0) write_softmin(p, b * p.n + row, acc.value());
@@ -133,10 +130,8 @@ __global__ void __launch_bounds__(kThreads) dense_cols_softmin_kernel(SoftminPar
   const Acc* lw = p.log_w + b * p.n;
   LogSumExp<Acc> acc = LogSumExp<Acc>::empty();
   if (col < p.m) {
-    for (int64_t i = ty; i < p.n; i += kColGroups) {
-      const Acc hb = scaled(h, lw, i, p.inv_eps);
-      if (hb != neg_inf<Acc>()) acc.add(hb - to_acc(c[i * p.m + col]) * p.inv_eps);
-    }
+    for (int64_t i = ty; i < p.n; i += kColGroups)
+      acc.add(pair_exponent<Acc>(scaled(h, lw, i, p.inv_eps), to_acc(c[i * p.m + col]) * p.inv_eps));
   }
   shared_max[ty][tx] = acc.max;
   shared_sum[ty][tx] = acc.sum;
@@ -232,16 +227,16 @@ __global__ void __launch_bounds__(kThreads) points_softmin_kernel(SoftminParams<
       Acc tile_max = neg_inf<Acc>();
 #pragma unroll
       for (int jj = 0; jj < TM; ++jj) {
-        const Acc hj = hb[tx * TM + jj];
-        v[jj] = hj == neg_inf<Acc>() ? hj : hj - point_cost<Acc>(p.p, x_sq[ii], y_sq[jj], dot[ii][jj]) * p.inv_eps;
-        tile_max = v[jj] > tile_max ? v[jj] : tile_max;
+        // Out-of-range sources have hb = -inf: skipped, like zero mass (their cost is finite).
+        v[jj] = pair_exponent<Acc>(hb[tx * TM + jj], point_cost<Acc>(p.p, x_sq[ii], y_sq[jj], dot[ii][jj]) * p.inv_eps);
+        tile_max = v[jj] > tile_max ? v[jj] : tile_max;  // NaN ignored here, carried by the sum
       }
-      if (tile_max != neg_inf<Acc>()) {
-        Acc sum = 0;
+      // As the CPU's add_chunk: no tile is dropped, whatever its maximum (a NaN reaches the sum).
+      const Acc shift = LogSumExp<Acc>::block_shift(tile_max);
+      Acc sum = 0;
 #pragma unroll
-        for (int jj = 0; jj < TM; ++jj) sum += fast_exp(v[jj] - tile_max);
-        acc[ii].merge(tile_max, sum);
-      }
+      for (int jj = 0; jj < TM; ++jj) sum += fast_exp(v[jj] - shift);
+      acc[ii].merge(tile_max, sum);
     }
     __syncthreads();  // hb is rewritten by the next tile
   }
@@ -289,14 +284,13 @@ __global__ void __launch_bounds__(kThreads) dense_rows_transport_kernel(Transpor
   const T* c = p.cost + (b * p.n + row) * p.m;
   const Acc fa = scaled(p.pot_dst + b * p.n, p.lw_dst + b * p.n, row, p.inv_eps);
   Acc mass = 0, total = 0;
-  if (fa != neg_inf<Acc>()) {
-    for (int64_t j = lane; j < p.m; j += 32) {
-      const Acc cij = to_acc(c[j]);
-      const Acc plan = fast_exp(fa + scaled(p.pot_src + b * p.m, p.lw_src + b * p.m, j, p.inv_eps) - cij * p.inv_eps) *
-                       source_weight(p, b * p.m + j);
-      mass += plan;
-      total += plan != Acc(0) ? plan * cij : Acc(0);
-    }
+  // A zero-mass row is not skipped as a whole: its terms are 0, or NaN for NaN input (plan_exponent).
+  for (int64_t j = lane; j < p.m; j += 32) {
+    const Acc cij = to_acc(c[j]);
+    const Acc gb = scaled(p.pot_src + b * p.m, p.lw_src + b * p.m, j, p.inv_eps);
+    const Acc plan = fast_exp(plan_exponent<Acc>(fa, gb, cij * p.inv_eps)) * source_weight(p, b * p.m + j);
+    mass += plan;
+    total += plan != Acc(0) ? plan * cij : Acc(0);
   }
 #pragma unroll
   for (int mask = 16; mask > 0; mask /= 2) {
@@ -317,10 +311,10 @@ __global__ void __launch_bounds__(kThreads) dense_cols_transport_kernel(Transpor
   if (col < p.m) {
     const Acc gb = scaled(p.pot_dst + b * p.m, p.lw_dst + b * p.m, col, p.inv_eps);
     const T* c = p.cost + b * p.n * p.m;
-    for (int64_t i = ty; i < p.n && gb != neg_inf<Acc>(); i += kColGroups) {
+    for (int64_t i = ty; i < p.n; i += kColGroups) {
       const Acc cij = to_acc(c[i * p.m + col]);
-      const Acc plan = fast_exp(gb + scaled(p.pot_src + b * p.n, p.lw_src + b * p.n, i, p.inv_eps) - cij * p.inv_eps) *
-                       source_weight(p, b * p.n + i);
+      const Acc fa = scaled(p.pot_src + b * p.n, p.lw_src + b * p.n, i, p.inv_eps);
+      const Acc plan = fast_exp(plan_exponent<Acc>(gb, fa, cij * p.inv_eps)) * source_weight(p, b * p.n + i);
       mass += plan;
       total += plan != Acc(0) ? plan * cij : Acc(0);
     }
@@ -382,7 +376,7 @@ __global__ void __launch_bounds__(kThreads) points_transport_kernel(TransportPar
 #pragma unroll
       for (int jj = 0; jj < TM; ++jj) {
         const Acc cij = point_cost<Acc>(p.p, x_sq[ii], y_sq[jj], dot[ii][jj]);
-        const Acc plan = fast_exp(fa[ii] + gb[tx * TM + jj] - cij * p.inv_eps) * sw[tx * TM + jj];
+        const Acc plan = fast_exp(plan_exponent<Acc>(fa[ii], gb[tx * TM + jj], cij * p.inv_eps)) * sw[tx * TM + jj];
         const Acc w = plan * cost_gradient_weight<Acc>(p.p, cij);
         mass[ii] += plan;
         total[ii] += plan != Acc(0) ? plan * cij : Acc(0);  // as on the CPU: no 0 * inf

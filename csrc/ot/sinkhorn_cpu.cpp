@@ -27,30 +27,45 @@ bool skipped(const int32_t* done_at, int64_t b, int32_t iteration) {
   return done_at != nullptr && done_at[b] >= 0 && done_at[b] < iteration;
 }
 
-// hb_j = h_j / eps + log_w_j for every source of every problem.
+// hb_j = h_j / eps + log_w_j for every source of every problem (-inf for zero mass; see ot_math.h).
 template <class Acc>
 std::vector<Acc> scaled_potential(const void* h, const void* log_w, int64_t count, Acc inv_eps) {
   std::vector<Acc> out(static_cast<size_t>(count));
   const Acc* hp = static_cast<const Acc*>(h);
   const Acc* wp = static_cast<const Acc*>(log_w);
-  for (int64_t j = 0; j < count; ++j) out[j] = wp[j] == kNegInf<Acc> ? kNegInf<Acc> : hp[j] * inv_eps + wp[j];
+  for (int64_t j = 0; j < count; ++j) out[j] = scaled_potential_entry<Acc>(hp[j], wp[j], inv_eps);
   return out;
 }
 
-// Adds one chunk, v[t] = hb[t] - cost[t] / eps, to a running log-sum-exp.
+// The log-sum-exp of one chunk, v[t] = hb[t] - cost[t] / eps: a max pass (NaN ignored) and an exp pass
+// shifted by LogSumExp::block_shift, which carries any NaN v into the sum (no chunk is skipped,
+// whatever its maximum). Exact = true applies the rule of ot_math.h (pair_exponent); false takes the
+// plain difference, which is the same wherever it is not NaN.
+template <class Acc, bool Exact>
+FL_CPU_INLINE void chunk_lse(const Acc* hb, const Acc* cost, int64_t count, Acc inv_eps, Acc& chunk_max, Acc& sum) {
+  Acc v[kChunk];
+  Acc max = kNegInf<Acc>;
+#pragma omp simd reduction(max : max)
+  for (int64_t t = 0; t < count; ++t) {
+    v[t] = Exact ? pair_exponent<Acc>(hb[t], cost[t] * inv_eps) : hb[t] - cost[t] * inv_eps;
+    max = v[t] > max ? v[t] : max;
+  }
+  const Acc shift = LogSumExp<Acc>::block_shift(max);
+  Acc total = 0;
+#pragma omp simd reduction(+ : total)
+  for (int64_t t = 0; t < count; ++t) total += fast_exp(v[t] - shift);
+  chunk_max = max;
+  sum = total;
+}
+
+// Adds one chunk to a running log-sum-exp. The plain pass costs nothing over the finite case; its sum is
+// NaN exactly when some v is NaN: a NaN input, or inf - inf (a +inf cost against a +inf potential). Only
+// such a chunk (rare) is redone with the exact rule, which keeps a NaN input and skips the inf - inf.
 template <class Acc>
 FL_CPU_MULTIVERSION void add_chunk(LogSumExp<Acc>& acc, const Acc* hb, const Acc* cost, int64_t count, Acc inv_eps) {
-  Acc v[kChunk];
-  Acc chunk_max = kNegInf<Acc>;
-#pragma omp simd reduction(max : chunk_max)
-  for (int64_t t = 0; t < count; ++t) {
-    v[t] = hb[t] - cost[t] * inv_eps;
-    chunk_max = v[t] > chunk_max ? v[t] : chunk_max;
-  }
-  if (chunk_max == kNegInf<Acc>) return;
-  Acc sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t t = 0; t < count; ++t) sum += fast_exp(v[t] - chunk_max);
+  Acc chunk_max, sum;
+  chunk_lse<Acc, false>(hb, cost, count, inv_eps, chunk_max, sum);
+  if (sum != sum) chunk_lse<Acc, true>(hb, cost, count, inv_eps, chunk_max, sum);
   acc.merge(chunk_max, sum);
 }
 
@@ -84,35 +99,47 @@ void write_softmin(const SoftminArgs& a, int64_t index, Acc lse, Acc eps) {
 // kColRows rows x kChunk columns, a max pass and an exp pass per block.
 constexpr int64_t kColRows = 64;
 
+// The terms are those of add_chunk (the plain difference, a NaN-ignoring max, the exp pass shifted by
+// block_shift), per column; a column whose block sum is NaN (rare) is redone with the exact rule.
+// Zero-mass rows are not skipped as a whole: their terms are -inf, or NaN for a NaN cost, which must
+// reach the column's value.
 template <class T, class Acc>
 FL_CPU_MULTIVERSION void column_block_lse(const T* c, int64_t n, int64_t m, int64_t j0, int64_t width, const Acc* hb,
                                           Acc inv_eps, LogSumExp<Acc>* acc) {
   Acc block_max[kChunk];
   Acc block_sum[kChunk];
+  Acc shift[kChunk];
   for (int64_t i0 = 0; i0 < n; i0 += kColRows) {
     const int64_t i1 = std::min(n, i0 + kColRows);
     for (int64_t t = 0; t < width; ++t) block_max[t] = kNegInf<Acc>;
     for (int64_t i = i0; i < i1; ++i) {
-      if (hb[i] == kNegInf<Acc>) continue;
+      const Acc hbi = hb[i];
       const T* row = c + i * m + j0;
 #pragma omp simd
       for (int64_t t = 0; t < width; ++t) {
-        const Acc v = hb[i] - to_acc(row[t]) * inv_eps;
+        const Acc v = hbi - to_acc(row[t]) * inv_eps;
         block_max[t] = v > block_max[t] ? v : block_max[t];
       }
     }
-    for (int64_t t = 0; t < width; ++t) block_sum[t] = 0;
+    for (int64_t t = 0; t < width; ++t) {
+      shift[t] = LogSumExp<Acc>::block_shift(block_max[t]);
+      block_sum[t] = 0;
+    }
     for (int64_t i = i0; i < i1; ++i) {
-      if (hb[i] == kNegInf<Acc>) continue;
+      const Acc hbi = hb[i];
       const T* row = c + i * m + j0;
 #pragma omp simd
-      for (int64_t t = 0; t < width; ++t) {
-        // A column whose costs are all +inf so far has max -inf: it gets nothing, not exp(NaN).
-        const Acc e = fast_exp(hb[i] - to_acc(row[t]) * inv_eps - block_max[t]);
-        block_sum[t] += block_max[t] == kNegInf<Acc> ? Acc(0) : e;
-      }
+      for (int64_t t = 0; t < width; ++t) block_sum[t] += fast_exp(hbi - to_acc(row[t]) * inv_eps - shift[t]);
     }
-    for (int64_t t = 0; t < width; ++t) acc[t].merge(block_max[t], block_sum[t]);
+    for (int64_t t = 0; t < width; ++t) {
+      if (block_sum[t] != block_sum[t]) {  // a NaN input or inf - inf in this column's block: the exact rule
+        LogSumExp<Acc> exact = LogSumExp<Acc>::empty();
+        for (int64_t i = i0; i < i1; ++i) exact.add(pair_exponent<Acc>(hb[i], to_acc(c[i * m + j0 + t]) * inv_eps));
+        block_max[t] = exact.max;
+        block_sum[t] = exact.sum;
+      }
+      acc[t].merge(block_max[t], block_sum[t]);
+    }
   }
 }
 
@@ -176,12 +203,13 @@ FL_CPU_MULTIVERSION void transport_row_tile(const SideView<T, Acc>& side, int64_
     const int64_t count = std::min(kChunk, side.len_src - j0);
     side.fill_costs(b, row0, rows, j0, count, cost);
     for (int r = 0; r < rows; ++r) {
+      // A zero-mass row is not skipped as a whole: its terms are 0 (plan_exponent), or NaN for NaN input.
       const Acc fi = fa[row0 + r];
-      if (fi == kNegInf<Acc>) continue;  // a zero-mass row carries nothing
       Acc chunk_mass = 0, chunk_cost = 0, chunk_gw = 0;
 #pragma omp simd reduction(+ : chunk_mass, chunk_cost, chunk_gw)
       for (int64_t t = 0; t < count; ++t) {
-        const Acc plan = fast_exp(fi + gb[j0 + t] - cost[r][t] * inv_eps) * (src_weight ? src_weight[j0 + t] : Acc(1));
+        const Acc plan = fast_exp(plan_exponent<Acc>(fi, gb[j0 + t], cost[r][t] * inv_eps)) *
+                         (src_weight ? src_weight[j0 + t] : Acc(1));
         chunk_mass += plan;
         chunk_cost += plan != Acc(0) ? plan * cost[r][t] : Acc(0);  // an infinite cost carries no mass
         weight[t] = p == 0 ? Acc(0) : plan * cost_gradient_weight<Acc>(p, cost[r][t]);
@@ -256,7 +284,7 @@ FL_CPU_MULTIVERSION void plan_row_tile(const SideView<T, Acc>& side, int64_t b, 
       const Acc fi = fa[row0 + r];
       Acc* row = plan + (row0 + r) * m + j0;
 #pragma omp simd
-      for (int64_t t = 0; t < count; ++t) row[t] = fast_exp(fi + gb[j0 + t] - cost[r][t] * inv_eps);
+      for (int64_t t = 0; t < count; ++t) row[t] = fast_exp(plan_exponent<Acc>(fi, gb[j0 + t], cost[r][t] * inv_eps));
     }
   }
 }

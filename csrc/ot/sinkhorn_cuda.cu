@@ -133,7 +133,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     const Acc fa = scaled(f, log_a, b * n + i, inv_eps);
     const Acc gb = scaled(g, log_b, b * m + j, inv_eps);
-    plan[e] = fast_exp(fa + gb - c * inv_eps);
+    plan[e] = fast_exp(plan_exponent<Acc>(fa, gb, c * inv_eps));
   }
 }
 

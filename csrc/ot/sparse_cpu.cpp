@@ -29,9 +29,15 @@ void sparse_dual_impl(const SparseDualArgs& a) {
       const int64_t b = item / m, j = item % m;
       const T* c = cost + b * n * m + j;
       const Acc* al = alpha + b * n;
-      for (int64_t i = 0; i < n; ++i) scores[i] = al[i] - to_acc(c[i * m]);
+      bool has_nan = false;
+      for (int64_t i = 0; i < n; ++i) {
+        scores[i] = sparse_score<Acc>(al[i], to_acc(c[i * m]));
+        has_nan |= scores[i] != scores[i];
+      }
       Acc tau = -std::numeric_limits<Acc>::infinity();
-      if (constrained) {
+      if (constrained && has_nan) {
+        tau = std::numeric_limits<Acc>::quiet_NaN();  // a NaN score has no rank (and would break the selection)
+      } else if (constrained) {
         std::vector<Acc> sorted(scores);
         std::nth_element(sorted.begin(), sorted.begin() + (a.k - 1), sorted.end(), std::greater<Acc>());
         tau = sorted[a.k - 1];
@@ -41,7 +47,7 @@ void sparse_dual_impl(const SparseDualArgs& a) {
       for (int64_t i = 0; i < n; ++i) {
         const Acc t = sparse_plan_entry<Acc>(scores[i], beta[item], tau, inv_gamma);
         sum += t;
-        weighted += t > Acc(0) ? t * to_acc(c[i * m]) : Acc(0);
+        weighted += t != Acc(0) ? t * to_acc(c[i * m]) : Acc(0);  // 0 * inf is no cost; NaN stays
         sq += t * t;
       }
       static_cast<Acc*>(a.col_sum)[item] = sum;
@@ -57,7 +63,8 @@ void sparse_dual_impl(const SparseDualArgs& a) {
       const Acc* be = beta + b * m;
       const Acc* tau = threshold + b * m;
       Acc sum = 0;
-      for (int64_t j = 0; j < m; ++j) sum += sparse_plan_entry<Acc>(alpha[item] - to_acc(row[j]), be[j], tau[j], inv_gamma);
+      for (int64_t j = 0; j < m; ++j)
+        sum += sparse_plan_entry<Acc>(sparse_score<Acc>(alpha[item], to_acc(row[j])), be[j], tau[j], inv_gamma);
       static_cast<Acc*>(a.row_sum)[item] = sum;
     }
   });

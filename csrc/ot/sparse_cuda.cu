@@ -31,8 +31,10 @@ __global__ void __launch_bounds__(kThreads)
     // top[0] >= top[1] >= ... >= top[k-1]: insertion keeps the k largest seen so far.
     Acc top[kSparseMaxKCuda];
     for (int t = 0; t < kSparseMaxKCuda; ++t) top[t] = -static_cast<Acc>(INFINITY);
+    bool has_nan = false;
     for (int64_t i = 0; i < n; ++i) {
-      const Acc score = al[i] - to_acc(c[i * m]);
+      const Acc score = sparse_score<Acc>(al[i], to_acc(c[i * m]));
+      has_nan |= score != score;
       if (!(score > top[k - 1])) continue;
       int pos = static_cast<int>(k) - 1;
       while (pos > 0 && top[pos - 1] < score) {
@@ -41,15 +43,15 @@ __global__ void __launch_bounds__(kThreads)
       }
       top[pos] = score;
     }
-    tau = top[k - 1];
+    tau = has_nan ? quiet_nan<Acc>() : top[k - 1];  // a NaN score has no rank: as the CPU
   }
   threshold[index] = tau;
   Acc sum = 0, weighted = 0, sq = 0;
   for (int64_t i = 0; i < n; ++i) {
     const Acc cij = to_acc(c[i * m]);
-    const Acc t = sparse_plan_entry<Acc>(al[i] - cij, beta[index], tau, inv_gamma);
+    const Acc t = sparse_plan_entry<Acc>(sparse_score<Acc>(al[i], cij), beta[index], tau, inv_gamma);
     sum += t;
-    weighted += t > Acc(0) ? t * cij : Acc(0);
+    weighted += t != Acc(0) ? t * cij : Acc(0);  // 0 * inf is no cost; NaN stays
     sq += t * t;
   }
   col_sum[index] = sum;
@@ -69,7 +71,8 @@ __global__ void __launch_bounds__(kThreads)
   const Acc a_i = alpha[b * n + i];
   Acc sum = 0;
   for (int64_t j = lane; j < m; j += 32)
-    sum += sparse_plan_entry<Acc>(a_i - to_acc(row[j]), beta[b * m + j], threshold[b * m + j], inv_gamma);
+    sum += sparse_plan_entry<Acc>(sparse_score<Acc>(a_i, to_acc(row[j])), beta[b * m + j], threshold[b * m + j],
+                                  inv_gamma);
 #pragma unroll
   for (int mask = 16; mask > 0; mask /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, mask);
   if (lane == 0) row_sum[b * n + i] = sum;
