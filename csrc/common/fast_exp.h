@@ -15,8 +15,8 @@ namespace fl {
 // turns into blends (with -fno-trapping-math, set for the kernels in CMakeLists.txt), where libm's
 // expf stays a scalar call: 0.6 against 3-4 ns per exponential on the CI machine. Rounding uses the
 // 1.5 * 2^23 trick rather than floorf, a library call without SSE4.1. Arguments below -87.3
-// (e^x < 2^-126) give exactly 0, so log-weights of -inf (zero mass) contribute exactly nothing; NaN
-// stays NaN.
+// (e^x < 2^-126) give exactly 0, so log-weights of -inf (zero mass) contribute exactly nothing;
+// arguments above 88.7 (e^x >= 2^128) give +inf; NaN stays NaN.
 FL_HD float fast_exp(float x) {
 #if defined(__CUDA_ARCH__)
   return __expf(x);
@@ -35,7 +35,8 @@ FL_HD float fast_exp(float x) {
   const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(whole) + 127) << 23;
   float scale;
   memcpy(&scale, &bits, sizeof(scale));
-  return t < -126.0f ? 0.0f : poly * scale;
+  // Past 2^128 the float overflows: +inf, as e^x is (and as the GPU's __expf gives).
+  return t < -126.0f ? 0.0f : (t >= 128.0f ? INFINITY : poly * scale);
 #endif
 }
 FL_HD double fast_exp(double x) { return exp(x); }

@@ -264,6 +264,7 @@ void thread_entry() {
 void run_block(Machine& m) {
   const size_t stack_bytes = settings().stack_bytes;
   const dim3 block = m.config->block;
+  std::fill(std::begin(m.runnable), std::end(m.runnable), 0);  // a failed block may have left threads behind
   for (unsigned t = 0; t < m.threads; ++t) {
     SimThread& s = *m.pool[t];
     s.linear = t;

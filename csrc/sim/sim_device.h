@@ -29,7 +29,7 @@
 #define blockIdx (::fl_sim::block_index())
 #define blockDim (::fl_sim::block_dim())
 #define gridDim (::fl_sim::grid_dim())
-#define warpSize 32
+constexpr int warpSize = 32;
 
 // ---- block barriers (the call site identifies the barrier: different sites are a divergence) --
 // The site is file and line (GCC 12 has no __builtin_COLUMN: two barriers on one line count as one).
