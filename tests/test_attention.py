@@ -15,7 +15,7 @@ import fastloss
 from fastloss.attention import _ops
 from fastloss.reference import attention as R
 
-from conftest import assert_close, requires_cuda
+from conftest import assert_close, gpu_sized, is_gpu
 
 # (tolerance on out, on the gradients) against float64, per dtype
 TOL = {torch.float64: (1e-11, 1e-9), torch.float32: (2e-6, 2e-5), torch.bfloat16: (2e-2, 5e-2),
@@ -23,7 +23,7 @@ TOL = {torch.float64: (1e-11, 1e-9), torch.float32: (2e-6, 2e-5), torch.bfloat16
 
 
 def dtypes_for(device):
-    return (torch.float32, torch.float64) if device == "cpu" else (torch.bfloat16, torch.float16)
+    return (torch.bfloat16, torch.float16) if is_gpu(device) else (torch.float32, torch.float64)
 
 
 def make(shape_q, shape_kv, dtype, device, seed=0):
@@ -76,7 +76,7 @@ SHAPES = [  # (B, Hq, Hkv, Nq, Nk, d): size 1, GQA, MQA, rows fewer than keys, s
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 def test_matches_float64_reference(device, shape, reweight, causal):
     b, hq, hkv, nq, nk, d = shape
-    if device == "cuda" and d not in (32, 64):
+    if is_gpu(device) and d not in (32, 64):
         d = 32 if d < 32 else 64
     for dtype in dtypes_for(device):
         q, k, v = make((b, hq, nq, d), (b, hkv, nk, d), dtype, device)
@@ -113,7 +113,13 @@ def test_sliding_window(device, causal):
     for dtype in dtypes_for(device):
         q, k, v = make((1, 2, 150, 32), (1, 2, 150, 32), dtype, device)
         for window in (1, 7, 64, 1000):
-            check_against_reference(q, k, v, causal=causal, window=window, reweight=15)
+            # A short LSSAR window can be badly conditioned in q: with 7 keys, two score gradients of
+            # about +-500 cancel in row 185 here, so rounding the normalized q and k to bf16 (as the API
+            # does before the kernel) alone moves the exact dQ row by 0.48 of the typical row norm, just
+            # under the 10x row bound; the kernel itself agrees with float64 at its rounded inputs to 0.023.
+            short = window <= 7 and dtype in (torch.float16, torch.bfloat16)
+            tol = (TOL[dtype][0], 2 * TOL[dtype][1]) if short else None
+            check_against_reference(q, k, v, tol=tol, causal=causal, window=window, reweight=15)
         cu = torch.tensor([0, 20, 150], dtype=torch.int32, device=device)
         check_against_reference(q, k, v, causal=causal, window=9, cu_seqlens=cu, reweight=None)
 
@@ -234,6 +240,7 @@ def test_sixteen_bit_inputs_on_cpu_compute_in_float32():
         check_against_reference(q, k, v, reweight=15, tol=(1e-2, 3e-2))
 
 
+@pytest.mark.sim_no_launch  # nothing to launch for empty inputs
 def test_empty_and_zero_length_inputs(device):
     dtype = dtypes_for(device)[0]
     q, k, v = make((0, 2, 5, 32), (0, 2, 5, 32), dtype, device)
@@ -362,28 +369,37 @@ def test_bad_input_is_refused_with_a_clear_error():
         _ops._require_cuda_shape(torch.empty(1, 1, 1, 64))
 
 
-@requires_cuda
+# (B, Hq, Hkv, N) of the GQA runs and (N, cu_seqlens) of the varlen run: the kernels work in 64-row
+# tiles (csrc/attention/attention_cuda.cu). Simulated GPU: 130 rows (two full tiles and a 2-row
+# remainder), a document of 64 rows ending on a tile edge, one of a single row, one across tiles.
+HEAD_DIM_CASE = gpu_sized(((2, 4, 1, 200), (300, [0, 64, 65, 300])), ((1, 4, 1, 130), (150, [0, 64, 65, 150])))
+
+
 @pytest.mark.parametrize("dim", [32, 64, 96, 128])
-def test_cuda_head_dims_and_lssar_varlen(dim):
+def test_cuda_head_dims_and_lssar_varlen(dim, gpu):
+    (b, hq, hkv, n), (n_varlen, bounds) = HEAD_DIM_CASE
     for dtype in (torch.bfloat16, torch.float16):
-        q, k, v = make((2, 4, 200, dim), (2, 1, 200, dim), dtype, "cuda")
-        check_against_reference(q, k, v, reweight=15)
-        check_against_reference(q, k, v, causal=False, window=33)
-        q, k, v = make((1, 2, 300, dim), (1, 2, 300, dim), dtype, "cuda")
-        cu = torch.tensor([0, 64, 65, 300], dtype=torch.int32, device="cuda")
-        check_against_reference(q, k, v, cu_seqlens=cu, reweight=15)
+        q, k, v = make((b, hq, n, dim), (b, hkv, n, dim), dtype, gpu.device)
+        with gpu.kernels():
+            check_against_reference(q, k, v, reweight=15)
+            check_against_reference(q, k, v, causal=False, window=33)
+        q, k, v = make((1, 2, n_varlen, dim), (1, 2, n_varlen, dim), dtype, gpu.device)
+        cu = torch.tensor(bounds, dtype=torch.int32, device=gpu.device)
+        with gpu.kernels():
+            check_against_reference(q, k, v, cu_seqlens=cu, reweight=15)
 
 
-@requires_cuda
-def test_cuda_refuses_float32_and_other_head_dims():
-    q, k, v = (t.detach() for t in make((1, 1, 8, 80), (1, 1, 8, 80), torch.bfloat16, "cuda"))
-    with pytest.raises(ValueError, match="head dims"):
-        fastloss.softplus_attention(q, k, v)
-    with pytest.raises(TypeError, match="float16 or bfloat16"):
-        fastloss.softplus_attention(q[..., :64].float(), k[..., :64].float(), v[..., :64].float())
+@pytest.mark.sim_no_launch
+def test_cuda_refuses_float32_and_other_head_dims(gpu):
+    q, k, v = (t.detach() for t in make((1, 1, 8, 80), (1, 1, 8, 80), torch.bfloat16, gpu.device))
+    with gpu.kernels():
+        with pytest.raises(ValueError, match="head dims"):
+            fastloss.softplus_attention(q, k, v)
+        with pytest.raises(TypeError, match="float16 or bfloat16"):
+            fastloss.softplus_attention(q[..., :64].float(), k[..., :64].float(), v[..., :64].float())
 
 
-@requires_cuda
+@pytest.mark.real_gpu(reason="torch.cuda memory statistics")
 def test_cuda_memory_has_no_quadratic_term():
     q, k, v = make((1, 8, 8192, 128), (1, 8, 8192, 128), torch.bfloat16, "cuda")
     torch.cuda.synchronize()

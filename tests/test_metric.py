@@ -15,7 +15,7 @@ from fastloss import metric as M
 from fastloss.metric import _ops
 from fastloss.reference import metric as R
 
-from conftest import assert_close, requires_cuda
+from conftest import assert_close, gpu_sized, is_gpu
 
 pml = pytest.importorskip("pytorch_metric_learning")
 from pytorch_metric_learning import distances, losses, miners  # noqa: E402
@@ -309,10 +309,9 @@ def test_backward_is_deterministic():
     assert torch.equal(runs[0], runs[1])
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
 def test_ops_pass_opcheck(device):
     g = torch.Generator().manual_seed(17)
-    dtype = torch.float64 if device == "cpu" else torch.float32  # (the CUDA kernels take float32 at most)
+    dtype = torch.float32 if is_gpu(device) else torch.float64  # (the CUDA kernels take float32 at most)
     x = F.normalize(torch.randn(10, 6, generator=g, dtype=dtype), dim=1).to(device).requires_grad_()
     y = torch.randint(0, 3, (10,), generator=g).to(device)
     scale = torch.tensor(0.1, dtype=torch.float64, device=device)
@@ -416,7 +415,7 @@ def test_process_group_gives_the_gradient_of_the_concatenated_batch(tmp_path):
 
 
 @pytest.fixture(params=["one_chunk", "many_chunks"])
-def cuda_chunks(request):
+def cuda_chunks(request, gpu):
     """Every CUDA test runs with the default workspace (one chunk at these sizes) and with a budget so
     small that each chunk holds a few rows (dY accumulated over chunks, column statistics merged)."""
     from fastloss import _C
@@ -426,24 +425,31 @@ def cuda_chunks(request):
     _C.metric_cuda_set_chunk_budget(0)
 
 
-def cuda_grads(fn, *tensors):
-    """fn(*tensors on CUDA) and its gradients (zeros for an input it does not use)."""
-    leaves = [t.detach().clone().cuda().requires_grad_() for t in tensors]
-    value = fn(*leaves)
-    grads = torch.autograd.grad(value, leaves, allow_unused=True)
+def cuda_grads(gpu, fn, *tensors):
+    """fn(*tensors on the GPU) and its gradients (zeros for an input it does not use), run on the GPU."""
+    leaves = [gpu(t.detach()).requires_grad_() for t in tensors]
+    with gpu.kernels():
+        value = fn(*leaves)
+        grads = torch.autograd.grad(value, leaves, allow_unused=True)
     return value, [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]
 
 
-@requires_cuda
-@pytest.mark.parametrize("shape", [(97, 33, 10), (200, 64, 4), (1, 8, 1), (2, 8, 2)], ids=lambda s: f"B{s[0]}d{s[1]}c{s[2]}")
+# B x d x classes. The GPU kernels work on 128 x 128 tiles of S: B = 200 is two row tiles with a
+# remainder; on the simulated GPU B = 130 (two tiles, 2 rows in the second) and d = 40 keep that at a
+# third of the cost (B = 200, d = 64 took about 50 s per nt_xent case there).
+CUDA_PML_SHAPES = gpu_sized([(97, 33, 10), (200, 64, 4), (1, 8, 1), (2, 8, 2)],
+                            [(97, 33, 10), (130, 40, 4), (1, 8, 1), (2, 8, 2)])
+
+
+@pytest.mark.parametrize("shape", CUDA_PML_SHAPES, ids=lambda s: f"B{s[0]}d{s[1]}c{s[2]}")
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_cuda_float32_matches_pytorch_metric_learning_in_float64(case, shape, gradient_path, cuda_chunks):
+def test_cuda_float32_matches_pytorch_metric_learning_in_float64(case, shape, gradient_path, cuda_chunks, gpu):
     name, ours, theirs = case
     b, d, classes = shape
     g = torch.Generator().manual_seed(b * d + 1)
     e = torch.randn(b, d, generator=g, dtype=torch.float64)
     y = torch.randint(0, classes, (b,), generator=g)
-    value, (grad,) = cuda_grads(lambda t: ours(t, y.cuda(), None, None), e.float())
+    value, (grad,) = cuda_grads(gpu, lambda t: ours(t, gpu(y), None, None), e.float())
     leaf = e.clone().requires_grad_()
     want = theirs(leaf, y, None, None)
     want_grad = torch.autograd.grad(want, leaf)[0] if want.requires_grad else torch.zeros_like(e)
@@ -452,14 +458,13 @@ def test_cuda_float32_matches_pytorch_metric_learning_in_float64(case, shape, gr
     assert_close(grad.double().cpu(), want_grad, tol, f"{name} gradient on CUDA", atol=1e-8)
 
 
-@requires_cuda
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_cuda_ref_emb_matches_the_cpu(case, cuda_chunks):
+def test_cuda_ref_emb_matches_the_cpu(case, cuda_chunks, gpu):
     name, ours, _ = case
     g = torch.Generator().manual_seed(31)
     e, r = torch.randn(70, 24, generator=g), torch.randn(90, 24, generator=g)
     y, ry = torch.randint(0, 6, (70,), generator=g), torch.randint(0, 6, (90,), generator=g)
-    value, grads = cuda_grads(lambda a, b: ours(a, y.cuda(), b, ry.cuda()), e, r)
+    value, grads = cuda_grads(gpu, lambda a, b: ours(a, gpu(y), b, gpu(ry)), e, r)
     leaves = [e.double().requires_grad_(), r.double().requires_grad_()]
     want = ours(leaves[0], y, leaves[1], ry)
     want_grads = torch.autograd.grad(want, leaves, allow_unused=True)
@@ -470,10 +475,9 @@ def test_cuda_ref_emb_matches_the_cpu(case, cuda_chunks):
         assert_close(got.double().cpu(), expected, tol, f"{name} gradient with ref_emb on CUDA", atol=1e-8)
 
 
-@requires_cuda
 @pytest.mark.parametrize("positives", ["diagonal", "labels", "symmetric"])
 @pytest.mark.parametrize("b", [1, 65, 130, 300])
-def test_cuda_info_nce_equals_cross_entropy_with_the_scale_gradient(positives, b, gradient_path, cuda_chunks):
+def test_cuda_info_nce_equals_cross_entropy_with_the_scale_gradient(positives, b, gradient_path, cuda_chunks, gpu):
     """The fused-tile InfoNCE engine (csrc/metric/info_nce_cuda.cu): one-way with the diagonal or
     label targets, and symmetric CLIP; a learnable logit scale; more keys than queries one-way."""
     g = torch.Generator().manual_seed(b + 5)
@@ -483,10 +487,10 @@ def test_cuda_info_nce_equals_cross_entropy_with_the_scale_gradient(positives, b
     weights = torch.rand(b, generator=g, dtype=torch.float64)
     log_scale = torch.tensor(2.5, dtype=torch.float64)
     symmetric = positives == "symmetric"
-    labels = target.cuda() if positives == "labels" else None
+    labels = gpu(target) if positives == "labels" else None
     for combine in (lambda v: v.mean(), lambda v: (v * weights.to(v)).sum()):  # uniform, then per-row weights
         value, (gq, gk, gs) = cuda_grads(
-            lambda a, c, s: combine(M.info_nce(a, c, logit_scale=s.exp(), labels=labels, symmetric=symmetric,
+            gpu, lambda a, c, s: combine(M.info_nce(a, c, logit_scale=s.exp(), labels=labels, symmetric=symmetric,
                                                reduction="none")),
             q.float(), k.float(), log_scale.float())  # fmt: skip
         leaves = [t.clone().requires_grad_() for t in (q, k, log_scale)]
@@ -500,19 +504,20 @@ def test_cuda_info_nce_equals_cross_entropy_with_the_scale_gradient(positives, b
             assert_close(got.double().cpu(), expected, 5e-5, f"info_nce {positives} {what} on CUDA", atol=1e-8)
 
 
-@requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_16_bit_clip_at_temperature_001_is_finite_and_close(dtype, cuda_chunks):
+def test_cuda_16_bit_clip_at_temperature_001_is_finite_and_close(dtype, cuda_chunks, gpu):
     g = torch.Generator().manual_seed(23)
-    q, k = (torch.randn(300, 64, generator=g).to(dtype) for _ in range(2))
-    y = torch.randint(0, 5, (300,), generator=g)
+    b = gpu_sized(300, 150)  # simulated GPU: 2 tiles of 128 rows, not 3 (300 took a minute with many chunks)
+    q, k = (torch.randn(b, 64, generator=g).to(dtype) for _ in range(2))
+    y = gpu(torch.randint(0, 5, (b,), generator=g))
     for fn in (lambda a, b: M.info_nce(a, b, temperature=0.01, symmetric=True),
-               lambda a, b: M.nt_xent(a, y.cuda(), temperature=0.01), lambda a, b: M.circle(a, y.cuda(), gamma=256),
-               lambda a, b: M.multi_similarity(a, y.cuda(), beta=50)):  # fmt: skip
-        value, grads = cuda_grads(fn, q, k)
+               lambda a, b: M.nt_xent(a, y, temperature=0.01), lambda a, b: M.circle(a, y, gamma=256),
+               lambda a, b: M.multi_similarity(a, y, beta=50)):  # fmt: skip
+        value, grads = cuda_grads(gpu, fn, q, k)
         assert torch.isfinite(value) and all(bool(torch.isfinite(t).all()) for t in grads)
     for temperature, symmetric in ((0.01, True), (0.07, True), (0.07, False)):
-        value, grads = cuda_grads(lambda a, b: M.info_nce(a, b, temperature=temperature, symmetric=symmetric), q, k)
+        value, grads = cuda_grads(gpu, lambda a, b: M.info_nce(a, b, temperature=temperature, symmetric=symmetric),
+                                  q, k)  # fmt: skip
         # The float64 reference sees the normalized inputs rounded to 16 bits, as the kernels read them,
         # and differentiates through the rounding as autograd does (straight through).
         leaves = [t.double().requires_grad_() for t in (q, k)]
@@ -525,8 +530,7 @@ def test_cuda_16_bit_clip_at_temperature_001_is_finite_and_close(dtype, cuda_chu
             assert_close(got.double().cpu(), expected, 2e-2, what + " gradient")
 
 
-@requires_cuda
-def test_cuda_auc_and_decoupled_softmax_match_the_float64_references(cuda_chunks):
+def test_cuda_auc_and_decoupled_softmax_match_the_float64_references(cuda_chunks, gpu):
     g = torch.Generator().manual_seed(24)
     q, k = torch.randn(80, 20, generator=g, dtype=torch.float64), torch.randn(100, 20, generator=g, dtype=torch.float64)
     labels = torch.randint(0, 100, (80,), generator=g)
@@ -534,11 +538,11 @@ def test_cuda_auc_and_decoupled_softmax_match_the_float64_references(cuda_chunks
     mask[0] = False
     mask[1] = True
     for name, ours, theirs in (
-        ("auc", lambda a, b: M.auc_loss(a, b, labels=labels.cuda(), temperature=0.3),
+        ("auc", lambda a, b: M.auc_loss(a, b, labels=gpu(labels), temperature=0.3),
          lambda a, b: R.auc_loss(a, b, labels=labels, temperature=0.3)),
-        ("decoupled", lambda a, b: M.decoupled_softmax(a, b, mask.cuda()), lambda a, b: R.decoupled_softmax(a, b, mask)),
+        ("decoupled", lambda a, b: M.decoupled_softmax(a, b, gpu(mask)), lambda a, b: R.decoupled_softmax(a, b, mask)),
     ):  # fmt: skip
-        value, grads = cuda_grads(ours, q.float(), k.float())
+        value, grads = cuda_grads(gpu, ours, q.float(), k.float())
         leaves = [q.clone().requires_grad_(), k.clone().requires_grad_()]
         want = theirs(*leaves)
         assert_close(value.double().cpu(), want, 5e-5, f"{name} on CUDA")
@@ -546,27 +550,27 @@ def test_cuda_auc_and_decoupled_softmax_match_the_float64_references(cuda_chunks
             assert_close(got.double().cpu(), expected, 5e-5, f"{name} gradient on CUDA", atol=1e-9)
 
 
-@requires_cuda
-def test_cuda_is_deterministic_and_handles_empty_batches_and_bad_targets():
+def test_cuda_is_deterministic_and_handles_empty_batches_and_bad_targets(gpu):
     g = torch.Generator().manual_seed(25)
-    e = torch.randn(300, 32, generator=g).cuda().requires_grad_()
-    y = torch.randint(0, 7, (300,), generator=g).cuda()
-    runs = [torch.autograd.grad(M.multi_similarity(e, y) + M.info_nce(e, e.flip(0), symmetric=True), e)[0]
-            for _ in range(2)]  # fmt: skip
-    assert torch.equal(runs[0], runs[1])
-    empty = torch.randn(0, 8, device="cuda", requires_grad=True)
-    loss = M.supcon(empty, torch.zeros(0, dtype=torch.int64, device="cuda"))
-    assert float(loss) == 0 and torch.equal(torch.autograd.grad(loss, empty)[0], torch.zeros_like(empty))
-    bad = torch.arange(300, device="cuda")
-    bad[7] = 300
-    with pytest.raises(ValueError, match="must be in"):
-        M.info_nce(e, e, labels=bad)
-    fastloss.set_target_checks(False)  # unchecked: the row with the bad label is NaN, the others exact
-    try:
-        rows = M.info_nce(e.detach(), e.detach(), labels=bad, reduction="none")
-    finally:
-        fastloss.set_target_checks(True)
-    rows = rows.cpu()
-    assert bool(torch.isnan(rows[7])) and bool(torch.isfinite(rows[torch.arange(300) != 7]).all())
-    with pytest.raises(ValueError, match="float64"):
-        M.nt_xent(e.detach().double(), y)
+    e = gpu(torch.randn(300, 32, generator=g)).requires_grad_()
+    y = gpu(torch.randint(0, 7, (300,), generator=g))
+    with gpu.kernels():
+        runs = [torch.autograd.grad(M.multi_similarity(e, y) + M.info_nce(e, e.flip(0), symmetric=True), e)[0]
+                for _ in range(2)]  # fmt: skip
+        assert torch.equal(runs[0], runs[1])
+        empty = torch.randn(0, 8, device=gpu.device, requires_grad=True)
+        loss = M.supcon(empty, torch.zeros(0, dtype=torch.int64, device=gpu.device))
+        assert float(loss) == 0 and torch.equal(torch.autograd.grad(loss, empty)[0], torch.zeros_like(empty))
+        bad = torch.arange(300, device=gpu.device)
+        bad[7] = 300
+        with pytest.raises(ValueError, match="must be in"):
+            M.info_nce(e, e, labels=bad)
+        fastloss.set_target_checks(False)  # unchecked: the row with the bad label is NaN, the others exact
+        try:
+            rows = M.info_nce(e.detach(), e.detach(), labels=bad, reduction="none")
+        finally:
+            fastloss.set_target_checks(True)
+        rows = rows.cpu()
+        assert bool(torch.isnan(rows[7])) and bool(torch.isfinite(rows[torch.arange(300) != 7]).all())
+        with pytest.raises(ValueError, match="float64"):
+            M.nt_xent(e.detach().double(), y)

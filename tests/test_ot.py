@@ -9,7 +9,7 @@ import numpy as np
 import ot as pot
 import pytest
 import torch
-from conftest import DEVICES, assert_close, requires_cuda
+from conftest import assert_close, cpu_reference, gpu_sized, sized
 
 import fastloss
 import fastloss.ot as fot
@@ -106,7 +106,8 @@ def test_sinkhorn_batched_equals_each_problem_and_stops_on_its_own(device):
 def test_sinkhorn_low_precision_costs(device, dtype):
     generator = torch.Generator().manual_seed(4)
     C = torch.rand(40, 30, generator=generator)
-    expected = fot.sinkhorn(C.to(dtype).double(), eps=0.05, tol=1e-8)
+    with cpu_reference():
+        expected = fot.sinkhorn(C.to(dtype).double(), eps=0.05, tol=1e-8)
     result = fot.sinkhorn(C.to(device, dtype), eps=0.05, tol=1e-6, return_plan=True)
     assert result.f.dtype == torch.float32 and result.plan.dtype == torch.float32
     assert_close(result.cost, expected.cost, 1e-4, "cost")
@@ -218,7 +219,8 @@ def test_points_equal_the_materialized_cost(device, p, dim):
     x = torch.randn(B, n, dim, generator=generator, dtype=F64) + 3.0  # off-centre: the kernels centre
     y = torch.randn(B, m, dim, generator=generator, dtype=F64) + 3.5
     C = ref.sq_euclidean_half(x, y) if p == 2 else ref.euclidean(x, y)
-    expected = fot.sinkhorn(C, eps=0.3, tol=1e-10, return_plan=True)
+    with cpu_reference():
+        expected = fot.sinkhorn(C, eps=0.3, tol=1e-10, return_plan=True)
     result = fot.sinkhorn_points(x.to(device), y.to(device), eps=0.3, p=p, tol=1e-10, return_plan=True)
     assert_close(result.cost, expected.cost, 1e-9, "cost")
     assert_close(result.transport_cost, expected.transport_cost, 1e-9, "<P, C>")
@@ -231,7 +233,8 @@ def test_points_low_precision_inputs(device, dtype):
     generator = torch.Generator().manual_seed(8)
     x = (torch.randn(64, 8, generator=generator) + 20).to(dtype)  # far from the origin
     y = (torch.randn(50, 8, generator=generator) + 20).to(dtype)
-    expected = fot.sinkhorn_points(x.double(), y.double(), eps=0.05, tol=1e-9)
+    with cpu_reference():
+        expected = fot.sinkhorn_points(x.double(), y.double(), eps=0.05, tol=1e-9)
     x_d = x.to(device).requires_grad_(True)
     result = fot.sinkhorn_points(x_d, y.to(device), eps=0.05, tol=1e-6)
     assert result.f.dtype == torch.float32
@@ -392,7 +395,12 @@ def test_sinkhorn_divergence_properties(device, reach):
     generator = torch.Generator().manual_seed(13)
     x = torch.randn(25, 2, generator=generator, dtype=F64).to(device)
     y = (torch.randn(31, 2, generator=generator, dtype=F64) + 1).to(device)
-    options = dict(eps=0.1, reach=reach, tol=1e-12, max_iter=100000)
+    # The self terms OT(x, x) of the balanced divergence never reach tol = 1e-12 (the CPU stops at
+    # max_iter, about 8e-12); their cost has converged long before (the reference runs 4000 iterations).
+    # The simulated GPU, at about 2 ms an iteration, stops at 4000 too, where the gradient at x = y is
+    # still 5.5e-7 (the CPU's too: 2.5e-7 at 10^4 iterations, 5e-9 at 4 10^4, 2e-12 at 10^5).
+    iterations = sized(device, 100000, 4000)
+    options = dict(eps=0.1, reach=reach, tol=1e-12, max_iter=iterations)
     s_xy = fot.sinkhorn_divergence(x, y, **options)
     s_yx = fot.sinkhorn_divergence(y, x, **options)
     assert float(s_xy) > 0
@@ -401,7 +409,7 @@ def test_sinkhorn_divergence_properties(device, reach):
     s_xx = fot.sinkhorn_divergence(xg, x, **options)
     assert float(s_xx) == 0.0
     s_xx.backward()
-    assert float(xg.grad.abs().max()) < 1e-8, "the gradient vanishes at x = y"
+    assert float(xg.grad.abs().max()) < (1e-8 if iterations == 100000 else 1e-6), "the gradient vanishes at x = y"
     # against the formula on materialized costs
     a, b = uniform(25), uniform(31)
     xc, yc = x.cpu(), y.cpu()
@@ -603,31 +611,49 @@ def test_opcheck():
 # ---- CUDA against CPU --------------------------------------------------------------------------
 
 
-@requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_cuda_ops_match_cpu(dtype):
+def test_cuda_ops_match_cpu(dtype, gpu):
     for op, args in _op_samples():
         args = [a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
         cpu = op(*args)
-        gpu = op(*[a.cuda() if isinstance(a, torch.Tensor) else a for a in args])
+        with gpu.kernels():
+            out = op(*[gpu(a) if isinstance(a, torch.Tensor) else a for a in args])
         cpu = cpu if isinstance(cpu, tuple) else (cpu,)
-        gpu = gpu if isinstance(gpu, tuple) else (gpu,)
-        for c, g in zip(cpu, gpu):
+        out = out if isinstance(out, tuple) else (out,)
+        for i, (c, g) in enumerate(zip(cpu, out)):
             if c.is_floating_point():
-                assert_close(g, c, 1e-5 if dtype == torch.float32 else 1e-12, str(op))
+                # ot_solve's 4th output, the marginal error |P 1 - a|, is a difference of O(1) sums
+                # (about 1e-7 here): compared in the units of the marginals, not relative to itself.
+                atol = (1e-6 if dtype == torch.float32 else 1e-14) if op is _ops.solve and i == 3 else 0.0
+                assert_close(g, c, 1e-5 if dtype == torch.float32 else 1e-12, str(op), atol=atol)
             else:
                 assert torch.equal(g.cpu(), c)
 
 
-@requires_cuda
-def test_cuda_large_tiles_and_graph_capture():
+# Point clouds over several 64-point tiles (float32: 16 x 4 per thread) with remainders, and a
+# dimension over several 16-wide shared-memory stages with a short last one (csrc/ot/cuda_kernels.cuh).
+# Simulated GPU: 130 and 97 points (3 and 2 tiles, both with a remainder), d = 37 (16 + 16 + 5).
+LARGE_TILES = gpu_sized((3, 300, 257, 70), (3, 130, 97, 37))
+
+
+def test_cuda_large_tiles(gpu):
+    batch, n, m, dim = LARGE_TILES
+    generator = torch.Generator().manual_seed(18)
+    x = torch.randn(batch, n, dim, generator=generator)
+    y = torch.randn(batch, m, dim, generator=generator)
+    cpu = fot.sinkhorn_points(x, y, eps=5.0, tol=1e-6)
+    with gpu.kernels():
+        out = fot.sinkhorn_points(gpu(x), gpu(y), eps=5.0, tol=1e-6)
+    assert torch.equal(cpu.n_iter, out.n_iter.cpu())
+    assert_close(out.cost, cpu.cost, 1e-5, "cost")
+
+
+@pytest.mark.real_gpu(reason="CUDA graph capture")
+def test_cuda_graph_capture():
     generator = torch.Generator().manual_seed(18)
     x = torch.randn(3, 300, 70, generator=generator)
     y = torch.randn(3, 257, 70, generator=generator)
     cpu = fot.sinkhorn_points(x, y, eps=5.0, tol=1e-6)
-    gpu = fot.sinkhorn_points(x.cuda(), y.cuda(), eps=5.0, tol=1e-6)
-    assert torch.equal(cpu.n_iter, gpu.n_iter.cpu())
-    assert_close(gpu.cost, cpu.cost, 1e-5, "cost")
     xs, ys = x.cuda(), y.cuda()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

@@ -10,8 +10,8 @@
   path 256-source chunks: the shapes below are not multiples of either, and the +inf / NaN patterns
   fill whole blocks, the case where a block's maximum is -inf).
 
-Every test takes ``device``; only "cpu" for now. The same tests are meant for the GPU target (the
-CUDA kernels share the rule through ot_math.h): the references are plain torch on the CPU.
+Every test takes the ``device`` fixture (conftest.py): the CPU and the GPU target, real or simulated
+(the CUDA kernels share the rule through ot_math.h); the references are plain torch on the CPU.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from fastloss.ot import _ops
 F64 = torch.float64
 INF = math.inf
 NAN = math.nan
-DEVICES = ["cpu"]
 
 # The CPU kernels' block sizes (csrc/ot/cpu_geometry.h kChunk, sinkhorn_cpu.cpp kColRows): the shapes
 # below are chosen against them.
@@ -130,7 +129,6 @@ def nan_rows(t):
 # ---- +inf costs: the masked (feasible) problem ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("transpose", [False, True], ids=["rows", "columns"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_softmin_with_inf_costs_matches_masked_lse(device, transpose, dtype):
@@ -149,7 +147,6 @@ def test_softmin_with_inf_costs_matches_masked_lse(device, transpose, dtype):
     assert_same(out, expected, 1e-10 if dtype == F64 else 2e-5, "softmin")
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_masked_sinkhorn_matches_reference(device, dtype):
     """Balanced OT with +inf costs, feasible: the fixed-count iteration, the plan, the value and the
@@ -173,7 +170,6 @@ def test_masked_sinkhorn_matches_reference(device, dtype):
     assert_same(result.marginal_error, ref_marginal_error(C, f, g, a.log(), b.log(), eps), max(rtol, 1e-6), "error")
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_masked_sinkhorn_converges_with_zero_mass_padding(device):
     """Zero-mass rows and columns whose costs are all +inf (padding): their potentials are +inf, the
     problem is feasible and converges to the reference's fixed point."""
@@ -196,7 +192,6 @@ def test_masked_sinkhorn_converges_with_zero_mass_padding(device):
 # ---- +inf costs: infeasible problems -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
 def test_infeasible_rows_and_columns_give_inf_potentials_and_cost(device, dtype):
     """Rows 4 and 140 and column 280 have positive mass and only +inf costs (in problem 1 only). Column
@@ -228,7 +223,6 @@ def test_infeasible_rows_and_columns_give_inf_potentials_and_cost(device, dtype)
     assert_same(result.marginal_error, error, max(rtol, 1e-6), "marginal error")
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_all_inf_cost_is_infeasible_everywhere(device, dtype):
     C = torch.full((2, 70, 260), INF, dtype=dtype, device=device)
@@ -240,7 +234,6 @@ def test_all_inf_cost_is_infeasible_everywhere(device, dtype):
     assert bool((result.n_iter == 7).all())
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("transpose", [False, True], ids=["rows", "columns"])
 def test_inf_potential_against_inf_cost_is_skipped(device, transpose):
     """softmin and transport with +inf potentials on positive mass: against a +inf cost the pair is
@@ -268,7 +261,6 @@ def test_inf_potential_against_inf_cost_is_skipped(device, transpose):
 # ---- points: the same rule with potentials (costs are finite) -----------------------------------------
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("transpose", [False, True], ids=["rows", "columns"])
 @pytest.mark.parametrize("p", [1, 2])
 def test_points_softmin_with_infinite_potentials(device, transpose, p):
@@ -292,7 +284,6 @@ def test_points_softmin_with_infinite_potentials(device, transpose, p):
     assert_same(out, expected, 1e-9, "softmin")
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("p", [1, 2])
 def test_points_sinkhorn_with_zero_mass_matches_reference(device, p):
     generator = torch.Generator().manual_seed(6)
@@ -333,7 +324,6 @@ def assert_only_problem_1_nan(outputs, what):
         assert not torch.isnan(t[[0, 2]]).any(), f"{what}: NaN leaked into another problem's {name}"
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("where", ["finite", "inf_chunk", "zero_mass"])
 def test_nan_cost_gives_nan(device, where):
     """A NaN cost entry (problem 1): NaN in its row's and its column's softmin, on the row path and the
@@ -368,7 +358,6 @@ def test_nan_cost_gives_nan(device, where):
     assert torch.isnan(plan[1, i, j]) and int(torch.isnan(plan).sum()) == 1
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("p", [1, 2])
 @pytest.mark.parametrize("side", ["x", "y"])
 def test_nan_point_coordinate_gives_nan(device, p, side):
@@ -395,7 +384,6 @@ def test_nan_point_coordinate_gives_nan(device, p, side):
     assert_only_problem_1_nan({"plan": plan}, "plan")
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("geometry", ["cost", "points"])
 @pytest.mark.parametrize("side", ["a", "b"])
 def test_nan_weight_gives_nan(device, geometry, side):
@@ -421,7 +409,6 @@ def test_nan_weight_gives_nan(device, geometry, side):
     assert_only_problem_1_nan({"softmin": out}, "softmin")
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("which", ["f0", "g0", "g0_zero_mass"])
 def test_nan_warm_start_gives_nan(device, which):
     """Through the public API (warm starts are not checked for values): a NaN in the warm start the
@@ -444,7 +431,6 @@ def test_nan_warm_start_gives_nan(device, which):
 # ---- sparse OT's dual kernel -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("k", [0, 3])
 def test_sparse_dual_inf_and_nan_costs(device, k):
     """+inf costs carry nothing (no NaN, also against a +inf dual variable); a NaN cost makes its

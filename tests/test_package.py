@@ -11,14 +11,29 @@ import fastloss
 from fastloss import _families
 from fastloss.bench import runner
 
+from conftest import GPU_TARGET
+
 
 def test_build_info_describes_the_build():
     info = fastloss.build_info()
     assert info["version"] == fastloss.__version__
-    assert isinstance(info["cuda"], bool) and info["cuda"] == fastloss.HAS_CUDA_KERNELS
+    simulated = bool(info.get("cuda_simulated", False))
+    assert isinstance(info["cuda"], bool) and simulated == fastloss.SIMULATED_CUDA
+    # A SIMULATE build has CUDA kernels (cuda: True) for the simulated device only: none for CUDA tensors.
+    assert fastloss.HAS_CUDA_KERNELS == (info["cuda"] and not simulated)
     assert info["cpu_threads"] >= 1
-    if info["cuda"]:
+    if fastloss.HAS_CUDA_KERNELS:
         assert info["cuda_archs"] and info["cuda_runtime_version"] > 0
+
+
+def test_simulated_cuda_needs_a_simulate_build():
+    assert fastloss.simulated_cuda.__doc__ and "FASTLOSS_CUDA=SIMULATE" in fastloss.simulated_cuda.__doc__
+    with fastloss.simulated_cuda(False):  # turning the routing off is fine in any build
+        pass
+    if not fastloss.SIMULATED_CUDA:
+        with pytest.raises(RuntimeError, match="FASTLOSS_CUDA=SIMULATE pip install"):
+            with fastloss.simulated_cuda():
+                pass
 
 
 @pytest.mark.parametrize("family", _families.FAMILIES)
@@ -33,14 +48,19 @@ def test_every_family_provides_all_its_modules(family):
             assert module.__all__ and all(hasattr(fastloss.nn, n) for n in module.__all__)
 
 
+# With a GPU target the self-check runs the CUDA kernels too (on the simulated device in a SIMULATE build).
+@pytest.mark.gpu if GPU_TARGET else (lambda test: test)
 def test_self_check_passes_and_reports_every_op(capsys):
     from fastloss.selfcheck import run_self_checks
 
-    assert run_self_checks()
+    passed = run_self_checks()
     out = capsys.readouterr().out
+    assert passed, out
     for name in ("zloss", "spherical_softmax_loss", "taylor_softmax_loss"):
         assert out.count(name) >= 3 and "FAIL" not in out
     assert out.count("SphericalOutputLayer") >= 2
+    if fastloss.SIMULATED_CUDA:  # every check also ran its CUDA kernels on the simulated device
+        assert out.count(" cuda-sim ") >= 10
 
 
 def test_benchmark_runner_writes_json(tmp_path):

@@ -10,7 +10,7 @@ import torch
 import fastloss
 from fastloss.reference import spherical as ref
 
-from conftest import assert_close, requires_cuda
+from conftest import SIMULATED, assert_close, gpu_sized, sized
 
 LOSS_NAMES = list(ref.LOSSES)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -88,6 +88,7 @@ def test_custom_ignore_index_and_int32_target(name, device):
     check_against_reference(name, logits, target.to(torch.int32), device, ignore_index=3)
 
 
+@pytest.mark.sim_no_launch  # nothing to launch for 0 rows
 @pytest.mark.parametrize("name", LOSS_NAMES)
 def test_empty_batch(name, device):
     logits = torch.randn(0, 5, device=device, requires_grad=True)
@@ -199,8 +200,10 @@ def test_torch_compile_fullgraph(name, backend, device):
 
 @pytest.mark.parametrize("alpha,beta", [(1.0, 1000.0), (0.25, -300.0), (40.0, 5.0)])
 def test_zloss_shift_and_scale_invariance(alpha, beta, device):
-    """A long row with a large offset: a naive q/D - mean^2 in float32 would lose the variance."""
-    logits, target = make_inputs(3, 100_003, torch.float64, device, scale=1.0, offset=0.0)
+    """A long row with a large offset: a naive q/D - mean^2 in float32 would lose the variance. (On the
+    simulated GPU a shorter row, still several forward chunks long.)"""
+    classes = sized(device, 100_003, 40_001)
+    logits, target = make_inputs(3, classes, torch.float64, device, scale=1.0, offset=0.0)
     base = fastloss.zloss(logits, target, reduction="none")
     moved64 = fastloss.zloss(alpha * logits + beta, target, reduction="none")
     assert_close(moved64, base, 1e-9, "float64 invariance")
@@ -270,38 +273,52 @@ def test_bad_input_is_rejected_before_any_work(call, error, message):
 
 def test_cuda_tensors_on_a_build_without_cuda_get_a_rebuild_hint():
     impl = fastloss._library._missing_cuda_impl("zloss")
-    with pytest.raises(RuntimeError, match=r"fastloss.zloss: got CUDA tensors, but this fastloss build has no CUDA kernels.*FASTLOSS_CUDA=ON pip install"):
+    hint = (r"runs its CUDA kernels on a simulated device.*fastloss.simulated_cuda\(\).*FASTLOSS_CUDA=ON" if SIMULATED
+            else r"this fastloss build has no CUDA kernels.*FASTLOSS_CUDA=ON pip install")  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"fastloss.zloss: got CUDA tensors, but " + hint):
         impl(torch.zeros(1))
 
 
-# ---------------------------------------------------------------------------- CUDA only
-@requires_cuda
+# ---------------------------------------------------------------------------- GPU only
+# csrc/spherical/dense_loss_cuda.cu: forward one warp per row up to 4096 classes, else blocks over
+# (row, chunk) with chunks of >= 16384 classes (several per row when the grid would be small) and a
+# finalize kernel; backward flat up to 2048 classes, else blocks over (row, 8192-class chunk).
+CUDA_SHAPES = gpu_sized(
+    [(2, 1_048_579), (300, 2048), (64, 3000), (5, 131_075), (33, 4096)],
+    # simulated GPU: the same plans at CPU sizes: multi-chunk forward (2 and 3 chunks of 16384+, a
+    # short last one) with a chunked backward; block per row of one chunk; warp per row at the flat
+    # backward's edge (2048) and past it (3000, row backward); warp per row at its limit (4096).
+    [(2, 40_001), (1, 50_000), (3, 4097), (37, 2048), (9, 3000), (5, 4096)],
+)
+
+
 @pytest.mark.parametrize("name", LOSS_NAMES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("shape", [(2, 1_048_579), (300, 2048), (64, 3000), (5, 131_075), (33, 4096)], ids=str)
-def test_cuda_paths_match_reference(name, dtype, shape):
+@pytest.mark.parametrize("shape", CUDA_SHAPES, ids=str)
+def test_cuda_paths_match_reference(name, dtype, shape, gpu):
     """Warp-per-row, block-per-row and multi-chunk forward; flat and row backward; unaligned rows."""
-    logits, target = make_inputs(*shape, dtype, "cuda", ignore_every=5)
-    check_against_reference(name, logits, target, "cuda")
-    misaligned = torch.randn(shape[0], shape[1] + 1, device="cuda").to(dtype)[:, 1:]
-    check_against_reference(name, misaligned, target, "cuda")
+    logits, target = make_inputs(*shape, dtype, gpu.device, ignore_every=5)
+    misaligned = torch.randn(shape[0], shape[1] + 1, device=gpu.device).to(dtype)[:, 1:]
+    with gpu.kernels():
+        check_against_reference(name, logits, target, gpu.device)
+        check_against_reference(name, misaligned, target, gpu.device)
 
 
-@requires_cuda
-def test_cuda_bad_target_with_checks_off_gives_nan_row_not_a_crash():
-    logits, target = make_inputs(4, 50, torch.float32, "cuda")
+def test_cuda_bad_target_with_checks_off_gives_nan_row_not_a_crash(gpu):
+    logits, target = make_inputs(4, 50, torch.float32, gpu.device)
     target[2] = 50
-    with pytest.raises(ValueError, match="out-of-range class index 50 at flat position 2"):
-        fastloss.zloss(logits, target)
-    fastloss.set_target_checks(False)
-    try:
-        out = fastloss.zloss(logits, target, reduction="none")
-    finally:
-        fastloss.set_target_checks(True)
+    with gpu.kernels():
+        with pytest.raises(ValueError, match="out-of-range class index 50 at flat position 2"):
+            fastloss.zloss(logits, target)
+        fastloss.set_target_checks(False)
+        try:
+            out = fastloss.zloss(logits, target, reduction="none")
+        finally:
+            fastloss.set_target_checks(True)
     assert torch.isnan(out[2]) and bool(torch.isfinite(out[[0, 1, 3]]).all())
 
 
-@requires_cuda
+@pytest.mark.real_gpu(reason="CUDA graph capture on a side stream")
 def test_cuda_graph_capture_and_side_stream():
     logits, target = make_inputs(8, 70_000, torch.float32, "cuda")
     x = logits.clone().requires_grad_()

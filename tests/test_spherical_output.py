@@ -1,6 +1,7 @@
 """SphericalOutputLayer: the exact factored SGD update against dense SGD in float64, its invariants,
 the stability control, bad inputs, the ops, CUDA and data parallelism."""
 
+import contextlib
 import copy
 import os
 import re
@@ -12,7 +13,7 @@ import torch
 import fastloss
 from fastloss import spherical_factored as ops
 from fastloss.reference.spherical_output import DenseSGD, sample_losses
-from conftest import DEVICES, assert_close, requires_cuda
+from conftest import assert_close
 
 LOSSES = ["zloss", "mse", "spherical_softmax", "taylor_softmax"]
 LOSS_KWARGS = {"zloss": {"a": 1.5, "b": 0.5}, "mse": {}, "spherical_softmax": {}, "taylor_softmax": {}}
@@ -331,6 +332,7 @@ def test_low_precision_and_batched_inputs(dtype, device):
     assert_close(layer.weight, dense.weight, 1e-12, "W")
 
 
+@pytest.mark.sim_no_launch  # nothing to launch for 0 samples
 def test_empty_batch_changes_nothing(device):
     layer = make_layer(5, 12, "zloss", device, reduction="sum")
     before = copy.deepcopy(layer.state_dict())
@@ -429,27 +431,28 @@ def test_head_matches_dense_losses_for_every_kind():
 
 
 # ---------------------------------------------------------------------------- CUDA
-@requires_cuda
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("dtype,state_dtype", [(torch.float32, torch.float64), (torch.float64, torch.float64), (torch.float32, torch.float32)])
-def test_cuda_matches_cpu(deterministic, dtype, state_dtype):
-    layers = [make_layer(33, 301, "zloss", dev, dtype, state_dtype, lr=0.5, deterministic=deterministic) for dev in ("cpu", "cuda")]
+def test_cuda_matches_cpu(deterministic, dtype, state_dtype, gpu):
+    layers = [make_layer(33, 301, "zloss", dev, dtype, state_dtype, lr=0.5, deterministic=deterministic)
+              for dev in ("cpu", gpu.device)]  # fmt: skip
     layers[1].load_state_dict(layers[0].state_dict())  # the same initial W (the CPU and CUDA generators differ)
     generator = torch.Generator().manual_seed(6)
     tol = 1e-10 if dtype == state_dtype == torch.float64 else 1e-4
     for step in range(10):
         h, target, w = make_batch(generator, 40, 33, 301, 2, repeat=True, ignore=True, weights=True)
         grads = []
-        for layer in layers:
-            dev = layer.V.device
-            x = h.to(dev, torch.float32).requires_grad_()
-            layer(x, target.to(dev), w.to(dev)).backward()
+        for on_gpu, layer in enumerate(layers):
+            move = gpu if on_gpu else (lambda t: t)
+            with gpu.kernels() if on_gpu else contextlib.nullcontext():
+                x = move(h.to(torch.float32)).requires_grad_()
+                layer(x, move(target), move(w)).backward()
             grads.append(x.grad.cpu())
         assert_close(grads[1], grads[0], tol, f"h.grad at step {step}")
     assert_close(layers[1].weight, layers[0].weight, tol, "W")
 
 
-@requires_cuda
+@pytest.mark.real_gpu(reason="CUDA graph capture")
 @pytest.mark.parametrize("d,m", [(64, 32), (8, 40)], ids=["gram", "gram-free"])
 def test_cuda_step_is_capturable_in_a_cuda_graph(d, m):
     layer = make_layer(d, 1000, "zloss", "cuda", lr=0.1, check_stability=False)

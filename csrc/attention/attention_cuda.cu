@@ -56,10 +56,59 @@ template <class T, class Layout>
 using FragBT = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, Layout>;
 using FragAcc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
 
-// The value weights A_ij (W_ij) of the dV product are about 1/N: in fp16 they go subnormal past
-// N ~ 16k, so they are rounded as 2^14 A (at most 16384 < 65504) and dV is divided back in fp32.
+// ---- fp16 range of the weight operands (docs/attention.md, "fp16 range") -----------------------
+// The weights are computed in fp32 and rounded to the input type for the tensor-core products.
+// bfloat16 has fp32's exponent range and takes them as they are. fp16 (largest 65504, smallest
+// normal 2^-14) takes them times a power of two that is undone in fp32 after the product:
+// - weights known to be at most 1 (A_ij, W_ij, LSSAR's u^p) times the constant 2^14;
+// - the others (LSSA's softplus values in the forward, every score gradient) times 2^-e, with e
+//   per row (per key in dK) from the row's running largest |weight| (RunningScale).
+template <class T>
+constexpr bool kRunningScale = std::is_same<T, __half>::value;
+
+// The value weights A_ij, W_ij (dV) and LSSAR's forward weights u^p are at most 1 (about 1/N for
+// A and W): in fp16 they go subnormal past N ~ 16k, so they are rounded as 2^14 A (at most 16384
+// < 65504) and the product is divided back in fp32.
 template <class T>
 constexpr float kValueScale = std::is_same<T, __half>::value ? 16384.0f : 1.0f;
+
+// 2^k as a float for k in [-126, 127], 0 below.
+__device__ __forceinline__ float pow2(int k) { return k < -126 ? 0.f : __int_as_float((k + 127) << 23); }
+
+// A row's (a key's) power-of-two scale of its fp16 weights: a weight w is stored as w 2^-e.
+// Invariant, once a nonzero weight has been seen: every stored |w 2^-e| < 2^15 (< 65504), and the
+// row's largest stored |weight| so far is >= 2^8 (e only grows, and is set from the tile max m as
+// e = floor(log2 m) - 8, which puts m 2^-e in [2^8, 2^9)). So weights within 2^-22 of the running
+// maximum are normal fp16 (relative error 2^-11 as before), and a smaller one is off by at most
+// 2^-25 absolutely, 2^-33 of the running maximum. A tile whose largest |weight| reaches 2^(e+15)
+// raises e by at least 7, and the accumulator's row is multiplied by 2^(e_old - e_new) in fp32
+// (exact), so rescales are rare (at most one per 7 binades of growth) and the sums stay the same.
+// Both lanes of a pair hold the same state (their tile maxima are combined first). (e is kept >= -126 so
+// that 2^-e is a float: only a row whose largest weight is below 2^-118 gets less than 2^8.)
+struct RunningScale {
+  static constexpr int kTop = 15;   // stored |weights| < 2^kTop
+  static constexpr int kAfter = 8;  // a (re)scaled tile's largest lands in [2^kAfter, 2^(kAfter+1))
+  int e = 0;
+  bool set = false;  // before the first nonzero weight the accumulator row is 0 and e is unused
+
+  // Takes the tile's largest |weight| (fp32, both lanes) and returns the factor for the row's
+  // accumulator: 1 when e stays.
+  __device__ __forceinline__ float update(float tile_max) {
+    if (!(tile_max > 0.f && tile_max <= 3.402823466e38f)) return 1.f;  // 0, inf or NaN: e stays
+    const int t = ((__float_as_int(tile_max) >> 23) & 0xff) - 127;   // floor(log2), -127 if subnormal
+    if (set && t - e < kTop) return 1.f;
+    const int e_new = t - kAfter < -126 ? -126 : t - kAfter;  // 2^-e stays a normal float
+    const float factor = set ? pow2(e - e_new) : 1.f;
+    e = e_new;
+    set = true;
+    return factor;
+  }
+  __device__ __forceinline__ float inverse() const { return pow2(-e); }  // stored = w * inverse()
+  __device__ __forceinline__ float undo() const { return pow2(e); }      // applied after the product
+};
+
+// The largest of the lane pair's two values (lanes 2r and 2r + 1 share row r of a warp).
+__device__ __forceinline__ float pair_max(float v) { return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1)); }
 
 // Loads rows [0, rows_valid) of a 64 x D tile (rows D elements apart in global memory) into shared
 // memory with row stride D + 8; missing rows are zero-filled. Asynchronous: commit and wait after.
@@ -112,6 +161,30 @@ __device__ __forceinline__ void weights_times_tile(const T* w, const T* b, FragA
       wmma::load_matrix_sync(fb, b + kk * 16 * Dims<D>::kLd + n * 16, Dims<D>::kLd);
       wmma::mma_sync(acc[n], fa, fb, acc[n]);
     }
+  }
+}
+
+// Multiplies row r of a warp's 16 x D accumulator strip by the factor that the lanes of pair r hold,
+// through `stage` (a free 16 x 64 fp32 score tile of the warp, ld kScoreLd), four fragments at a
+// time: the layout of a fragment's elements is unspecified, so rows are scaled in memory. Call it
+// from the whole warp, only when some factor differs from 1 (RunningScale says so rarely).
+template <int D>
+__device__ __forceinline__ void scale_strip_rows(FragAcc (&acc)[Dims<D>::kFrags], float* stage, float factor) {
+  const int lane = threadIdx.x & 31;
+  __syncwarp();  // the lanes' reads of the tile in `stage` are done
+#pragma unroll
+  for (int n0 = 0; n0 < Dims<D>::kFrags; n0 += 4) {
+#pragma unroll
+    for (int n = n0; n < n0 + 4 && n < Dims<D>::kFrags; ++n)
+      wmma::store_matrix_sync(stage + (n - n0) * 16, acc[n], kScoreLd, wmma::mem_row_major);
+    __syncwarp();
+    const int columns = (Dims<D>::kFrags - n0 < 4 ? Dims<D>::kFrags - n0 : 4) * 16;
+    for (int c = lane & 1; c < columns; c += 2) stage[(lane / 2) * kScoreLd + c] *= factor;
+    __syncwarp();
+#pragma unroll
+    for (int n = n0; n < n0 + 4 && n < Dims<D>::kFrags; ++n)
+      wmma::load_matrix_sync(acc[n], stage + (n - n0) * 16, kScoreLd, wmma::mem_row_major);
+    __syncwarp();
   }
 }
 
@@ -263,6 +336,11 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Params p) {
   for (int n = 0; n < Dims<D>::kFrags; ++n) wmma::fill_fragment(acc_o[n], 0.0f);
   const RowState<float> rs = rows[my_row];
   float w_sum = 0.f;
+  // fp16: LSSAR's weights u^p <= 1 are stored times 2^14; LSSA's softplus values, which have no
+  // bound known in advance (about e^(c s) for c s << 0, up to |c s| for unnormalized q, k), times
+  // the row's running scale.
+  RunningScale running;
+  const bool by_running = kRunningScale<T> && !p.rw.on;
   for (int64_t j0 = key_lo; j0 < key_hi; j0 += kTile) {
     load_tile_async<T, D>(k_s, k + j0 * D, key_hi - j0);  // keys no row sees are never read
     cp_async_commit();
@@ -274,13 +352,26 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Params p) {
     strip_times_tile_t<T, D>(q_s + warp * kWarpRows * Dims<D>::kLd, k_s, acc);
     store_strip<D>(s_w, acc);
     __syncwarp();
+    float w_mul = kValueScale<T>, factor = 1.f;
+    if (by_running) {  // the softplus is increasing: the tile's largest weight is sp(max_j c s_ij)
+      float x_max = -INFINITY;
+      for (int c = 0; c < 32; ++c) {
+        const int64_t j = j0 + 2 * c + half;
+        if (j >= rs.rc.lo && j < rs.rc.hi) x_max = fmaxf(x_max, rs.rc.scale * s_w[(lane / 2) * kScoreLd + 2 * c + half]);
+      }
+      float sp_top, sig_top;
+      softplus_and_sigmoid(pair_max(x_max), sp_top, sig_top);
+      factor = running.update(sp_top);
+      w_mul = running.inverse();
+    }
     for (int c = 0; c < 32; ++c) {
       const int64_t j = j0 + 2 * c + half;
       const bool visible = j >= rs.rc.lo && j < rs.rc.hi;
       const float w = visible ? forward_weight(rs, p.rw, s_w[(lane / 2) * kScoreLd + 2 * c + half]) : 0.f;
       w_sum += w;
-      w_w[(lane / 2) * kWeightLd + 2 * c + half] = CudaStore<T>::from(w);
+      w_w[(lane / 2) * kWeightLd + 2 * c + half] = CudaStore<T>::from(kRunningScale<T> ? w * w_mul : w);
     }
+    if (by_running && __any_sync(0xffffffffu, factor != 1.f)) scale_strip_rows<D>(acc_o, s_w, factor);
     cp_async_wait<0>();
     __syncthreads();
     weights_times_tile<T, D>(w_w, v_s, acc_o);
@@ -293,7 +384,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Params p) {
   __syncthreads();
   if ((lane & 1) == 0) {
     const bool live = w_sum > 0.f && (!p.rw.on || rs.inv_z > 0.f);
-    scale[lane / 2] = live ? 1.f / w_sum : 0.f;
+    const float undo = by_running ? running.undo() : 1.f / kValueScale<T>;  // the weights' fp16 scale
+    scale[lane / 2] = live ? undo / w_sum : 0.f;
     const int64_t row = r0 + my_row;
     if (row < p.len_q) {
       float* st = p.stats + (head_row0 + row) * p.stats_per_row;
@@ -411,14 +503,34 @@ __global__ void __launch_bounds__(kThreads) grad_q_kernel(Params p) {
 #pragma unroll
   for (int n = 0; n < Dims<D>::kFrags; ++n) wmma::fill_fragment(acc_dq[n], 0.0f);
   const RowState<float> rs = rows[my_row];
+  RunningScale running;  // fp16
   for (int64_t j0 = key_lo; j0 < key_hi; j0 += kTile) {
     score_tiles(j0);
-    for (int c = 0; c < 32; ++c) {
-      const int64_t j = j0 + 2 * c + half;
-      const int e = (lane / 2) * kScoreLd + 2 * c + half;
-      // Without the row's 1/Z (applied when dQ is written): ~1/N values would go subnormal in fp16.
-      const float g = (j >= rs.rc.lo && j < rs.rc.hi) ? score_grad(rs, p.rw, s_w[e], dp_w[e]).grad_times_z : 0.f;
-      g_w[(lane / 2) * kWeightLd + 2 * c + half] = CudaStore<T>::from(g);
+    if constexpr (kRunningScale<T>) {
+      // The gradients have no bound known in advance (LSSAR's grow as 1/xmax, LSSA's shrink as
+      // sigmoid(c s) for c s << 0): they are computed into dp_w first, then stored times the
+      // row's running scale.
+      float g_max = 0.f;
+      for (int c = 0; c < 32; ++c) {
+        const int64_t j = j0 + 2 * c + half;
+        const int e = (lane / 2) * kScoreLd + 2 * c + half;
+        const float g = (j >= rs.rc.lo && j < rs.rc.hi) ? score_grad(rs, p.rw, s_w[e], dp_w[e]).grad_times_z : 0.f;
+        dp_w[e] = g;
+        g_max = fmaxf(g_max, fabsf(g));
+      }
+      const float factor = running.update(pair_max(g_max));
+      if (__any_sync(0xffffffffu, factor != 1.f)) scale_strip_rows<D>(acc_dq, s_w, factor);
+      const float g_mul = running.inverse();
+      for (int c = 0; c < 32; ++c)
+        g_w[(lane / 2) * kWeightLd + 2 * c + half] = CudaStore<T>::from(dp_w[(lane / 2) * kScoreLd + 2 * c + half] * g_mul);
+    } else {
+      for (int c = 0; c < 32; ++c) {
+        const int64_t j = j0 + 2 * c + half;
+        const int e = (lane / 2) * kScoreLd + 2 * c + half;
+        // Without the row's 1/Z (applied when dQ is written), as for fp16.
+        const float g = (j >= rs.rc.lo && j < rs.rc.hi) ? score_grad(rs, p.rw, s_w[e], dp_w[e]).grad_times_z : 0.f;
+        g_w[(lane / 2) * kWeightLd + 2 * c + half] = CudaStore<T>::from(g);
+      }
     }
     __syncwarp();
     weights_times_tile<T, D>(g_w, k_s, acc_dq);
@@ -426,7 +538,7 @@ __global__ void __launch_bounds__(kThreads) grad_q_kernel(Params p) {
   }
   float* inv_z = L.score(smem, 0) + warp * kWarpRows * kScoreLd;
   __syncthreads();
-  if (lane < kWarpRows) inv_z[lane] = rows[warp * kWarpRows + lane].inv_z;
+  if (half == 0) inv_z[lane / 2] = kRunningScale<T> ? rs.inv_z * running.undo() : rs.inv_z;
   __syncwarp();
   float* stage = reinterpret_cast<float*>(k_s) + warp * kWarpRows * Dims<D>::kStageLd;
   write_strip<T, D>(acc_dq, stage, static_cast<T*>(p.grad_q) + (head_row0 + r0 + warp * kWarpRows) * D,
@@ -465,6 +577,7 @@ __global__ void __launch_bounds__(kThreads) grad_kv_kernel(Params p) {
   const int my_key = warp * kWarpRows + lane / 2;  // each lane pair shares a key, 32 rows each
   const int64_t key = j0 + my_key;
   const int half = lane & 1;  // the lane pair interleaves the rows (no shared bank)
+  RunningScale running;  // fp16: the key's score gradients (dK), over every row and q head it sees
   for (int64_t hq = at.head * p.group; hq < (at.head + 1) * p.group; ++hq) {
     const int64_t head_row0 = (at.b * p.heads_q + hq) * p.len_q;
     for (int64_t r0 = first; r0 < last; r0 += kTile) {
@@ -482,13 +595,26 @@ __global__ void __launch_bounds__(kThreads) grad_kv_kernel(Params p) {
       strip_times_tile_t<T, D>(v_s + warp * kWarpRows * Dims<D>::kLd, do_s, acc);
       store_strip<D>(dpt_w, acc);
       __syncwarp();
+      float g_max = 0.f;
       for (int c = 0; c < 32; ++c) {
         const RowState<float>& rs = rows[2 * c + half];
         const int e = (lane / 2) * kScoreLd + 2 * c + half;
         ScoreGrad<float> sg{0.f, 0.f, 0.f};
         if (key >= rs.rc.lo && key < rs.rc.hi) sg = score_grad(rs, p.rw, st_w[e], dpt_w[e]);
         wt_w[(lane / 2) * kWeightLd + 2 * c + half] = CudaStore<T>::from(sg.value_weight * kValueScale<T>);
-        gt_w[(lane / 2) * kWeightLd + 2 * c + half] = CudaStore<T>::from(sg.grad);
+        if constexpr (kRunningScale<T>) {  // stored times the key's running scale below
+          dpt_w[e] = sg.grad;
+          g_max = fmaxf(g_max, fabsf(sg.grad));
+        } else {
+          gt_w[(lane / 2) * kWeightLd + 2 * c + half] = CudaStore<T>::from(sg.grad);
+        }
+      }
+      if constexpr (kRunningScale<T>) {
+        const float factor = running.update(pair_max(g_max));
+        if (__any_sync(0xffffffffu, factor != 1.f)) scale_strip_rows<D>(acc_dk, st_w, factor);
+        const float g_mul = running.inverse();
+        for (int c = 0; c < 32; ++c)
+          gt_w[(lane / 2) * kWeightLd + 2 * c + half] = CudaStore<T>::from(dpt_w[(lane / 2) * kScoreLd + 2 * c + half] * g_mul);
       }
       __syncwarp();
       weights_times_tile<T, D>(wt_w, do_s, acc_dv);
@@ -497,11 +623,9 @@ __global__ void __launch_bounds__(kThreads) grad_kv_kernel(Params p) {
   }
   cp_async_wait<0>();  // (a block that saw no rows still has its k/v loads in flight)
   __syncthreads();
-  float* unit = reinterpret_cast<float*>(rows);  // 64 ones, then 64 undoings of kValueScale
-  if (threadIdx.x < kTile) {
-    unit[threadIdx.x] = 1.f;
-    unit[kTile + threadIdx.x] = 1.f / kValueScale<T>;
-  }
+  float* unit = reinterpret_cast<float*>(rows);  // 64 undoings of the keys' scales, then 64 of kValueScale
+  if (half == 0) unit[my_key] = kRunningScale<T> ? running.undo() : 1.f;
+  if (threadIdx.x < kTile) unit[kTile + threadIdx.x] = 1.f / kValueScale<T>;
   __syncthreads();
   float* stage = L.score(smem, 0) + warp * kWarpRows * Dims<D>::kStageLd;
   const int64_t out_row = (kv_row0 + j0 + warp * kWarpRows) * D;

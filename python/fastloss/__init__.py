@@ -9,17 +9,19 @@ from __future__ import annotations
 import torch  # noqa: F401  (the ops register into torch.library)
 
 from . import _families
-from ._library import BUILD_INFO, HAS_CUDA_KERNELS, poison_outputs, set_target_checks
+from ._library import BUILD_INFO, HAS_CUDA_KERNELS, SIMULATED_CUDA, poison_outputs, set_target_checks, simulated_cuda
 
 __version__: str = BUILD_INFO["version"]
 
 
 def build_info() -> dict:
-    """How this copy was built: version, whether CUDA kernels are in, for which architectures, compiler."""
+    """How this copy was built: version, whether CUDA kernels are in (``cuda_simulated``: on the simulated
+    device of a ``FASTLOSS_CUDA=SIMULATE`` build), for which architectures, compiler."""
     return dict(BUILD_INFO)
 
 
-__all__ = ["nn", "build_info", "set_target_checks", "poison_outputs", "HAS_CUDA_KERNELS"]
+__all__ = ["nn", "build_info", "set_target_checks", "poison_outputs", "simulated_cuda", "HAS_CUDA_KERNELS",
+           "SIMULATED_CUDA"]
 
 # Every family's functional API becomes fastloss.<fn>.
 for _family in _families.import_all(""):

@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from . import build_info
+from . import HAS_CUDA_KERNELS, build_info
 from .selfcheck import run_self_checks
 
 
@@ -20,12 +20,15 @@ def main(argv: list[str] | None = None) -> int:
 
     info = build_info()
     print(f"fastloss {info['version']}  torch {torch.__version__}  python {sys.version.split()[0]}")
-    cuda_state = (
-        f"CUDA kernels for {info['cuda_archs']} (runtime {info['cuda_runtime_version']}, "
-        f"driver {info['cuda_driver_version'] or 'not found'})"
-        if info["cuda"]
-        else "no CUDA kernels (CPU-only build)"
-    )
+    if info.get("cuda_simulated"):
+        cuda_state = "CUDA kernels on a simulated device (FASTLOSS_CUDA=SIMULATE; fastloss.simulated_cuda())"
+    elif info["cuda"]:
+        cuda_state = (
+            f"CUDA kernels for {info['cuda_archs']} (runtime {info['cuda_runtime_version']}, "
+            f"driver {info['cuda_driver_version'] or 'not found'})"
+        )
+    else:
+        cuda_state = "no CUDA kernels (CPU-only build)"
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU visible"
     print(f"build: {cuda_state}; {info['compiler']}; {info['cpu_threads']} CPU threads; {gpu}")
 
@@ -36,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_bench:
         from .bench.runner import run, write_json
 
-        device = torch.device("cuda" if torch.cuda.is_available() and info["cuda"] else "cpu")
+        device = torch.device("cuda" if torch.cuda.is_available() and HAS_CUDA_KERNELS else "cpu")
         print(f"\nshort benchmark, forward + backward (full run: python -m fastloss.bench):")
         report = run(device, quick=True, budget_s=0.5)
         if args.json:

@@ -77,7 +77,7 @@ def _forward(device: str, name: str, kind: int, logits, target, ignore_index: in
         L.sync_cpu_threads()
         _C.spherical_dense_forward_cpu(*args, f"fastloss.{name}")
         return loss, coef
-    index = logits.device.index
+    index = L.device_index(logits)
     ws_bytes = _C.spherical_dense_forward_cuda_workspace_bytes(rows, logits.shape[1], index)
     # Freed right after the launch: the caching allocator reuses it only in stream order.
     workspace = torch.empty((ws_bytes,), dtype=torch.uint8, device=logits.device) if ws_bytes else None
@@ -117,7 +117,7 @@ def _backward(device: str, grad_loss, logits, target, coef, ignore_index: int):
         _C.spherical_dense_backward_cpu(*args)
     else:
         with L.on_device(logits):
-            _C.spherical_dense_backward_cuda(*args, logits.device.index, L.cuda_stream(logits))
+            _C.spherical_dense_backward_cuda(*args, L.device_index(logits), L.cuda_stream(logits))
     return grad
 
 
@@ -218,7 +218,7 @@ def _prepare(fn: str, logits, target, ignore_index) -> tuple[torch.Tensor, torch
         rows2d = rows2d.contiguous()
     target1d = target.reshape(-1).to(torch.int64).contiguous()
     # The CPU kernel checks targets itself, before writing anything; on CUDA that needs a host read.
-    if target1d.is_cuda and target1d.numel() and L.may_inspect_values(target1d):
+    if L.is_cuda(target1d) and target1d.numel() and L.may_inspect_values(target1d):
         bad = ((target1d < 0) | (target1d >= classes)) & (target1d != ignore_index)
         if bool(bad.any()):
             index = int(bad.nonzero()[0, 0])

@@ -65,7 +65,7 @@ def _forward(q, k, v, cu_seqlens, causal, window, length_scale, scale, reweight,
     acc = L.accumulator_dtype(qc.dtype)
     out = L.empty(qc.shape, qc.dtype, qc.device)
     stats = L.empty((*qc.shape[:3], stats_per_row(reweight)), acc, qc.device)
-    workspace_bytes = 0 if device == "cpu" else _C.attention_forward_cuda_workspace_bytes(problem, qc.device.index)
+    workspace_bytes = 0 if device == "cpu" else _C.attention_forward_cuda_workspace_bytes(problem, L.device_index(qc))
     workspace = torch.empty(workspace_bytes, dtype=torch.uint8, device=qc.device)  # decode step: the key splits
     L.launch("attention_forward", device, out, problem, out.data_ptr(), stats.data_ptr(),
              workspace.data_ptr() if workspace_bytes else 0, workspace_bytes)  # fmt: skip

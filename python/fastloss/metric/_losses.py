@@ -42,7 +42,7 @@ def _normalized(t: torch.Tensor, normalize: bool) -> torch.Tensor:
     after the normalization, so the tensor cores read them as 16-bit."""
     acc = torch.float64 if t.dtype == torch.float64 else torch.float32
     out = F.normalize(t.to(acc), dim=1) if normalize else t.to(acc)
-    return out.to(t.dtype) if t.is_cuda and t.dtype in (torch.float16, torch.bfloat16) else out
+    return out.to(t.dtype) if L.is_cuda(t) and t.dtype in (torch.float16, torch.bfloat16) else out
 
 
 def _wants_grad(*tensors) -> bool:

@@ -59,7 +59,7 @@ def _check_index_values(x, y, targets, pos_ptr, pos_idx) -> None:
     """Index contents on CUDA, read on the host when that is allowed (fastloss.set_target_checks);
     the CPU kernels check them themselves. Unchecked, an index outside [0, m) makes its row NaN
     (targets) or is skipped (positive lists)."""
-    if x.device.type != "cuda" or not L.may_inspect_values(x):
+    if not L.is_cuda(x) or not L.may_inspect_values(x):
         return
     m = y.shape[0]
     for name, t in (("targets", targets), ("pos_idx", pos_idx)):

@@ -314,7 +314,7 @@ class SphericalOutputLayer(torch.nn.Module):
         target2 = target2.contiguous()
         if target2.numel() >= 2**31:
             raise ValueError(f"fastloss.{fn}: at most 2**31 - 1 target entries a step, got {target2.numel()}")
-        if target2.numel() and (not target2.is_cuda or L.may_inspect_values(target2)):
+        if target2.numel() and (not L.is_cuda(target2) or L.may_inspect_values(target2)):
             bad = ((target2 < 0) | (target2 >= self.num_classes)) & (target2 != self.ignore_index)
             if bool(bad.any()):
                 index = int(bad.reshape(-1).nonzero()[0, 0])
@@ -410,7 +410,7 @@ class SphericalOutputLayer(torch.nn.Module):
 
     def _scatter_order(self, target: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor | None:
         """The sorted entries for a deterministic CUDA scatter (reusing ``order`` when the step has it)."""
-        if not target.is_cuda:
+        if not L.is_cuda(target):
             return None
         deterministic = torch.are_deterministic_algorithms_enabled() if self.deterministic is None else self.deterministic
         if not deterministic:
@@ -423,7 +423,7 @@ class SphericalOutputLayer(torch.nn.Module):
         reads: non-finite h, target_weight or grad_output must not reach the state) and the guard's
         bound. The guard raises if 2 eta lambda_max(h^T diag(max(gq, 0)) h) >= 1, an upper bound of
         the 2 eta lambda_max(h^T diag(gq) h) that would make U singular at 1."""
-        if hs.is_cuda and not (self.check_stability and L.may_inspect_values(hs)):  # no host read on CUDA
+        if L.is_cuda(hs) and not (self.check_stability and L.may_inspect_values(hs)):  # no host read on CUDA
             torch.maximum(self._unchecked_bound, torch.linalg.matrix_norm(x), out=self._unchecked_bound)
             return None if self._inverse_method == "lu" else inverse.UNCHECKED_ITERATIONS
         checks = [torch.linalg.matrix_norm(x), sum(t.abs().sum() for t in inputs)]
@@ -453,7 +453,7 @@ class SphericalOutputLayer(torch.nn.Module):
         self._version += 1
         self.steps += 1
         self._host_steps += 1  # the schedule reads this copy: reading `steps` would sync with the GPU
-        if self.V.is_cuda and not L.may_inspect_values(self.V):
+        if L.is_cuda(self.V) and not L.may_inspect_values(self.V):
             return  # under CUDA-graph capture: call stabilize() / refresh() outside the graph
         count = self._host_steps
         if self.stabilize_every and count % self.stabilize_every == 0:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import _library as L
 from . import _format, _ops, _quantizer
 from ._format import FORMAT_VERSION, QuantizedWeight
 from ._linear import QuantLinear, quantize_model
@@ -106,9 +107,10 @@ def packed_linear(x, main, side, side_index, scales, zeros, bias, shape, group_s
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")  # fmt: skip
     if x.device != main.device:
         raise ValueError(f"{fn}: 'x' is on {x.device} but the QuantizedWeight is on {main.device}; move one (qw.to(device))")
-    allowed = _ops.CPU_TYPES if x.device.type == "cpu" else (scales.dtype,)
+    on_gpu = L.is_cuda(x)
+    allowed = (scales.dtype,) if on_gpu else _ops.CPU_TYPES
     if x.dtype not in allowed:
-        raise ValueError(f"{fn}: 'x' is {x.dtype}; on {x.device.type} it must be one of {allowed} "
+        raise ValueError(f"{fn}: 'x' is {x.dtype}; on {'cuda' if on_gpu else x.device.type} it must be one of {allowed} "
                          f"(the CUDA kernel needs the scales' dtype: qw.to({x.dtype}))")  # fmt: skip
     if bias is not None and (bias.shape != (out_features,) or bias.dtype != x.dtype or bias.device != x.device):
         raise ValueError(f"{fn}: 'bias' must be a {x.dtype} vector of {out_features} on {x.device}")

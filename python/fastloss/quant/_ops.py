@@ -67,7 +67,7 @@ def _check_arrays(fn, main, side, side_index, rows, cols, group_size, scales=Non
     tensors = [main, side, side_index] + ([scales, zeros] if scales is not None else [])
     if len({t.device for t in tensors}) != 1:
         raise ValueError(f"fastloss.{fn}: all packed arrays must be on one device")
-    if main.device.type == "cuda" and any(t.numel() and t.data_ptr() % 16 for t in tensors):
+    if L.is_cuda(main) and any(t.numel() and t.data_ptr() % 16 for t in tensors):
         raise ValueError(f"fastloss.{fn}: the packed arrays must be 16-byte aligned on CUDA (the kernel copies "
                          f"16-byte chunks); use contiguous copies, not views at an offset")  # fmt: skip
     return shape
@@ -208,7 +208,7 @@ def _matmul(device: str):
                 y.data_ptr(), y.stride(0))  # fmt: skip
         if device == "cuda":  # partial sums of row blocks that two CTAs share
             with L.on_device(x):
-                need = _C.quant_matmul_cuda_workspace_bytes(m, shape, x.device.index)
+                need = _C.quant_matmul_cuda_workspace_bytes(m, shape, L.device_index(x))
             workspace = torch.empty(need, dtype=torch.uint8, device=x.device)
             args += (workspace.data_ptr(), need)
         L.launch("quant_matmul", device, x, *args)

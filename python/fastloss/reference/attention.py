@@ -8,6 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .._library import is_cuda_device
 from .._registry import SelfCheck, register_self_check, relative_error
 
 
@@ -69,7 +70,7 @@ def softplus_attention(q, k, v, *, causal=True, scale="length", reweight=None, r
 def _self_check(device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
     from ..attention import softplus_attention as kernel
 
-    if device.type == "cuda" and dtype not in (torch.float16, torch.bfloat16):
+    if is_cuda_device(device) and dtype not in (torch.float16, torch.bfloat16):
         dtype = torch.bfloat16
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 4, 77, 64, generator=g).to(device, dtype)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._library import is_cuda_device
 from .._registry import SelfCheck, register_self_check, relative_error
 
 
@@ -61,7 +62,7 @@ def decoupled_softmax(query, keys, positives, *, temperature=0.05, normalize=Tru
 def _self_check(device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
     from .. import metric
 
-    if device.type == "cuda" and dtype == torch.float64:  # the CUDA kernels compute in float32 at most
+    if is_cuda_device(device) and dtype == torch.float64:  # the CUDA kernels compute in float32 at most
         dtype = torch.float32
     g = torch.Generator().manual_seed(0)
     q = torch.randn(50, 32, generator=g).to(device, dtype)
