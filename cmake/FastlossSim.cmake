@@ -94,6 +94,7 @@ if(FASTLOSS_BUILD_SIM_TESTS)
       set(_source "${_test}")
     endif()
     add_executable(${_name} "${_source}")
+    add_dependencies(${_name} fastloss_sim_headers)  # the project headers a test includes, rewritten
     target_link_libraries(${_name} PRIVATE fastloss_sim_runtime)
     target_compile_options(${_name} PRIVATE ${FASTLOSS_SIM_SANITIZE_OPTIONS})
   endforeach()

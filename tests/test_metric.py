@@ -504,6 +504,22 @@ def test_cuda_info_nce_equals_cross_entropy_with_the_scale_gradient(positives, b
             assert_close(got.double().cpu(), expected, 5e-5, f"info_nce {positives} {what} on CUDA", atol=1e-8)
 
 
+def test_cuda_info_nce_forward_walks_several_column_tiles_per_block(gpu):
+    """More than 64 column tiles of S (8300 keys): each forward block walks two tiles in turn, reusing
+    its shared memory between them (the other shapes give every block a single column tile, so a
+    missing barrier between two tiles went unseen there: scripts/sim_planted_bugs.py)."""
+    g = torch.Generator().manual_seed(41)
+    q, k = torch.randn(5, 8, generator=g, dtype=torch.float64), torch.randn(8300, 8, generator=g, dtype=torch.float64)
+    target = torch.randint(0, 8300, (5,), generator=g)
+    value, (gq, gk) = cuda_grads(gpu, lambda a, c: M.info_nce(a, c, labels=gpu(target), temperature=0.2,
+                                                            reduction="none").sum(), q.float(), k.float())  # fmt: skip
+    leaves = [t.clone().requires_grad_() for t in (q, k)]
+    logits = F.normalize(leaves[0], dim=1) @ F.normalize(leaves[1], dim=1).T / 0.2
+    want = F.cross_entropy(logits, target, reduction="none").sum()
+    for got, expected, what in zip((value, gq, gk), (want,) + torch.autograd.grad(want, leaves), ("loss", "dq", "dk")):
+        assert_close(got.double().cpu(), expected, 5e-5, f"info_nce, 65 column tiles: {what}", atol=1e-8)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_16_bit_clip_at_temperature_001_is_finite_and_close(dtype, cuda_chunks, gpu):
     g = torch.Generator().manual_seed(23)
