@@ -22,6 +22,7 @@ struct Shape {
   int64_t in_features;   // K
   int64_t rows;          // M, rows of x
   int four_bit_percent;  // share of 4-bit K-blocks
+  const char* kernel = nullptr;  // FASTLOSS_QUANT_KERNEL for the case ("mma", "gemv"), null: the plan's choice
 };
 
 constexpr int64_t kGroupSize = 128;
@@ -76,7 +77,7 @@ std::vector<CaseSpec> make_cases(Device device, const std::vector<Shape>& shapes
   for (const Shape& shape : shapes) {
     CaseSpec spec;
     spec.name = "quant/matmul/" + std::string(shape.four_bit_percent ? "mixed" : "2bit") + "/M=" +
-                std::to_string(shape.rows);
+                std::to_string(shape.rows) + (shape.kernel ? std::string("/") + shape.kernel : std::string());
     spec.device = device;
     spec.dtype = "float16";
     spec.rows = shape.out_features;

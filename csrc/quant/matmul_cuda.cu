@@ -1,12 +1,13 @@
 // CUDA y = x W^T + bias on the packed mixed 2/4-bit weight: tensor-core mma.m16n8k16 with
 // the dequantization in registers while a cp.async pipeline streams the next tiles.
 //
-// Why tensor cores even for one row of x: the weight's B fragments come straight out of a
-// packed word (packed_layout.h puts each thread's four codes of a 16-column chunk where one
-// shift and one LOP3 turn them into an fp16/bf16 pair), so the per-weight cost is the same
-// 1.5 instructions whatever M is, and the sums run in float32 on the tensor cores. A
-// CUDA-core GEMV would spend its ALU budget (about 2.8 instructions per weight at HBM rate
-// on an H100) on the FMAs and the float32 conversions instead.
+// Batches of 1-8 rows of x go to the CUDA-core GEMV of gemv_cuda.cu instead (plan_launch): on
+// the H100 this kernel measured ~6.8 thread instructions per weight at batch 1 (index
+// arithmetic, copies, per-group scaling), the GEMV's main loop is ~1.8-2.0 plus 0.5 per row of
+// x (scripts/sass_budget.py). Here the weight's B fragments come straight out of a packed word
+// (packed_layout.h puts each thread's four codes of a 16-column chunk where one shift and one
+// LOP3 turn them into an fp16/bf16 pair), so the dequantization is paid once whatever M is and
+// the sums run in float32 on the tensor cores.
 //
 // Asynchronous dequantization: while a warp dequantizes and multiplies stage i, cp.async has
 // stages i+1 .. i+STAGES-1 in flight: packed words, the 4-bit side words of the 4-bit
@@ -33,6 +34,7 @@
 #include "common/cuda_async_copy.cuh"
 #include "common/cuda_check.cuh"
 #include "common/cuda_numeric.cuh"
+#include "quant/gemv_cuda.h"
 #include "quant/quant_kernels.h"
 
 namespace fl {
@@ -462,6 +464,8 @@ __global__ void fixup_kernel(Params<T> p, int ctas) {
 
 // ---- launch configuration -------------------------------------------------
 struct LaunchPlan {
+  bool gemv = false;  // 1-8 rows of x: the CUDA-core GEMV of gemv_cuda.cu (then only `gemv` below counts)
+  GemvPlan gemv_plan;
   int mf;  // m-fragments per CTA (16 rows of x each)
   int bk;  // columns per pipeline stage
   int m_blocks;
@@ -496,8 +500,20 @@ int resident_ctas(int device, int mf, const void* kernel, int smem_bytes) {
 
 // One CTA per resident slot (never more than there are units), each with an equal share of the
 // units: the work is spread evenly whatever the row-block count.
+// Batches of 1-8 rows go to the GEMV. The cutoff by instruction count (scripts/sass_budget.py,
+// pure 2-bit at g = 128, thread instructions per weight of the main loop): GEMV 1.91 (1 row), 2.63
+// (2), 3.92 (4), 6.59 (5-8, the 8-row kernel) against ~6.8 for this kernel at batch 1 (measured on
+// the H100; its per-weight cost does not grow up to 16 rows). The 8-row GEMV is only ~3% below, so
+// the 5-8 crossover is marginal and is for a GPU run to confirm (bench "fastloss 2-bit mma"). The
+// tuning knob FASTLOSS_QUANT_KERNEL=mma|gemv overrides the choice (gemv_selected).
 LaunchPlan plan_launch(int64_t rows, const PackedShape& s, int device) {
   LaunchPlan plan;
+  if (gemv_selected(rows)) {
+    plan.gemv = true;
+    plan.gemv_plan = plan_gemv(rows, s, device);
+    plan.workspace_bytes = plan.gemv_plan.workspace_bytes;
+    return plan;
+  }
   plan.mf = rows <= 16 ? 1 : rows <= 32 ? 2 : 4;
   plan.bk = plan.mf == 4 ? 128 : 256;
   int smem = 0;
@@ -592,6 +608,7 @@ void matmul_cuda(const MatmulProblem& p, void* workspace, int64_t workspace_byte
   const LaunchPlan plan = plan_launch(p.rows, p.weight.shape, device);
   FL_CHECK_ARG(workspace_bytes >= plan.workspace_bytes, p.op_name, ": workspace of ", workspace_bytes,
                " bytes, the launch needs ", plan.workspace_bytes, " (matmul_cuda_workspace_bytes)");
+  if (plan.gemv) return launch_gemv(p, plan.gemv_plan, workspace, stream);
   if (p.dtype == DType::Float16) {
     matmul_typed<__half>(p, plan, workspace, stream);
   } else {

@@ -2,7 +2,10 @@
 
 Contenders (all on the same x; CUDA timings replay a CUDA graph of one call, and the runner
 flushes L2 before every sample, so the weights stream from HBM every time):
-  fastloss 2-bit       fastloss.quant.matmul, pure 2-bit g128 (2.19 bits/weight).
+  fastloss 2-bit       fastloss.quant.matmul, pure 2-bit g128 (2.19 bits/weight); on CUDA up to 8
+                       rows of x run the CUDA-core GEMV (csrc/quant/gemv_cuda.cu).
+  fastloss 2-bit mma   the same on the tensor-core kernel (FASTLOSS_QUANT_KERNEL=mma), for those
+                       batches: where the two cross is a GPU measurement.
   fastloss mixed25     the same with 25% of the K-blocks in 4 bits (2.69 bits/weight).
   dequant+GEMM         fastloss.quant.dequantize, then the dense GEMM: what a user without a
                        fused kernel does (on CPU, the issue's baseline).
@@ -11,12 +14,14 @@ flushes L2 before every sample, so the weights stream from HBM every time):
                        where this torch can pack for it.
 gemlite and torchao are not installed on the offline GPU machine (no network); torch's own
 tinygemm kernel is torchao's int4 weight-only path.
-bytes_floor is the fastloss 2-bit contender's bytes (packed weight, x, y), so x_floor is its
-achieved fraction of the measured copy bandwidth.
+bytes_floor is the fastloss 2-bit contender's bytes (packed weight, x, y), so 1 / x_floor is its
+achieved fraction of the measured copy bandwidth (copy_bandwidth_gbps in the JSON).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 from typing import Iterator
 
 import torch
@@ -44,6 +49,28 @@ def _graphed(fn):
     with torch.cuda.graph(graph):
         fn()
     return graph.replay
+
+
+@contextlib.contextmanager
+def _kernel(name: str):
+    """FASTLOSS_QUANT_KERNEL=name for the block (read by the C++ plan at each call, so also at capture)."""
+    previous = os.environ.get("FASTLOSS_QUANT_KERNEL")
+    os.environ["FASTLOSS_QUANT_KERNEL"] = name
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["FASTLOSS_QUANT_KERNEL"]
+        else:
+            os.environ["FASTLOSS_QUANT_KERNEL"] = previous
+
+
+def _on_mma(fn):
+    def call():
+        with _kernel("mma"):
+            return fn()
+
+    return call
 
 
 def _tinygemm(weight: torch.Tensor, x: torch.Tensor):
@@ -87,6 +114,8 @@ def _problems(device: torch.device, quick: bool, compile_peer: bool = True) -> I
                 "dequant+GEMM": lambda x=x: F.linear(x, two.dequantize(dtype)),
                 ("cuBLAS fp16" if cuda else "torch dense"): lambda x=x: F.linear(x, dense),
             }
+            if cuda and m <= 8:
+                calls["fastloss 2-bit mma"] = _on_mma(lambda x=x: Q.matmul(x, two))
             tiny = _tinygemm(dense, x)
             if tiny is not None:
                 calls["tinygemm int4"] = tiny
