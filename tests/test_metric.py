@@ -315,8 +315,10 @@ def test_ops_pass_opcheck(device):
     x = F.normalize(torch.randn(10, 6, generator=g, dtype=dtype), dim=1).to(device).requires_grad_()
     y = torch.randint(0, 3, (10,), generator=g).to(device)
     scale = torch.tensor(0.1, dtype=torch.float64, device=device)
+    # On a GPU the fused backward takes a uniform upstream gradient on trust (checked on the device,
+    # test_fused_backward_on_the_gpu_...), which opcheck's random gradients are not.
     for kind in ("nt_xent", "multi_similarity", "triplet"):
-        for fused in (False, True):
+        for fused in (False,) if is_gpu(device) else (False, True):
             torch.library.opcheck(torch.ops.fastloss.metric_forward.default,
                                   (x, x, y, y, None, None, None, scale, 0, _ops.KINDS[kind], 50.0, 0.5, 0.1, 1, False,
                                    fused))  # fmt: skip
@@ -324,6 +326,32 @@ def test_ops_pass_opcheck(device):
                           (x, x.detach().flip(0).requires_grad_(), None, None, None, None, None,
                            torch.tensor(10.0, dtype=torch.float64, device=device, requires_grad=True), -1, 0, 0.0, 0.0,
                            0.0, 0, True))  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["nt_xent", "multi_similarity", "triplet"])
+def test_fused_backward_on_the_gpu_uses_a_uniform_upstream_and_reports_any_other(gpu, kind):
+    """No host read in the backward on CUDA: the fused gradient is scaled by the upstream gradient of the
+    first active row, and an upstream gradient that is not uniform is reported as a device error."""
+    g = torch.Generator().manual_seed(29)
+    x0 = F.normalize(torch.randn(11, 6, generator=g), dim=1)
+    y = gpu(torch.randint(0, 3, (11,), generator=g))
+    scale = torch.tensor(0.1, dtype=torch.float64)
+
+    def grad(fused, weights):
+        x = gpu(x0).requires_grad_()
+        with gpu.kernels():
+            terms = _ops.forward(x, x, y, y, None, None, None, scale, 0, _ops.KINDS[kind], 50.0, 0.5, 0.1, 1, False,
+                                 fused)[0]  # fmt: skip
+            return torch.autograd.grad((terms[:, 0] * gpu(weights)).sum(), x)[0].cpu()
+
+    uniform = torch.full((11,), 0.37)
+    fastloss.check_device_errors()
+    assert_close(grad(True, uniform), grad(False, uniform), 2e-5, "fused gradient, uniform upstream")
+    fastloss.check_device_errors()  # nothing reported
+    grad(True, torch.linspace(0.1, 1.0, 11))
+    with pytest.raises(RuntimeError, match="upstream gradient that differs"):
+        fastloss.check_device_errors()
+    fastloss.check_device_errors()  # raised once, then cleared
 
 
 def test_memory_stays_linear_in_the_batch():
@@ -579,13 +607,17 @@ def test_cuda_is_deterministic_and_handles_empty_batches_and_bad_targets(gpu):
         assert float(loss) == 0 and torch.equal(torch.autograd.grad(loss, empty)[0], torch.zeros_like(empty))
         bad = torch.arange(300, device=gpu.device)
         bad[7] = 300
-        with pytest.raises(ValueError, match="must be in"):
-            M.info_nce(e, e, labels=bad)
-        fastloss.set_target_checks(False)  # unchecked: the row with the bad label is NaN, the others exact
+        fastloss.set_target_checks(True)  # the opt-in eager host check raises at once
         try:
-            rows = M.info_nce(e.detach(), e.detach(), labels=bad, reduction="none")
+            with pytest.raises(ValueError, match="must be in"):
+                M.info_nce(e, e, labels=bad)
         finally:
-            fastloss.set_target_checks(True)
+            fastloss.set_target_checks(False)
+        # By default: the row with the bad label is NaN, the others exact, and the kernel reports it on the device.
+        rows = M.info_nce(e.detach(), e.detach(), labels=bad, reduction="none")
+        with pytest.raises(ValueError, match=r"fastloss.metric \(an earlier call, found on the device\): targets .* "
+                           r"holds 300 at position 7"):
+            fastloss.check_device_errors()
         rows = rows.cpu()
         assert bool(torch.isnan(rows[7])) and bool(torch.isfinite(rows[torch.arange(300) != 7]).all())
         with pytest.raises(ValueError, match="float64"):

@@ -605,7 +605,7 @@ def _op_samples():
 
 def test_opcheck():
     for op, args in _op_samples():
-        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+        torch.library.opcheck(op.overload, args, test_utils=("test_schema", "test_faketensor"))
 
 
 # ---- CUDA against CPU --------------------------------------------------------------------------

@@ -181,7 +181,7 @@ def test_opcheck_every_op():
         (_ops.quant_matmul, (x.requires_grad_(),) + full + (None, 70, 300, 64)),
     ]
     for op, args in cases:
-        torch.library.opcheck(op, args)
+        torch.library.opcheck(op.overload, args)
 
 
 def test_compile_fullgraph():

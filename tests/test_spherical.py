@@ -304,18 +304,32 @@ def test_cuda_paths_match_reference(name, dtype, shape, gpu):
         check_against_reference(name, misaligned, target, gpu.device)
 
 
-def test_cuda_bad_target_with_checks_off_gives_nan_row_not_a_crash(gpu):
+def test_cuda_bad_target_gives_nan_row_and_a_deferred_device_error(gpu):
+    """By default (no host read) a bad target gives its row NaN and is reported by the kernel on the
+    device: raised by the next fastloss call on the device, or by fastloss.check_device_errors().
+    fastloss.set_target_checks(True) raises at once, from an eager host read."""
     logits, target = make_inputs(4, 50, torch.float32, gpu.device)
     target[2] = 50
+    good = gpu(torch.tensor([1, 2, 3, 4]))
     with gpu.kernels():
-        with pytest.raises(ValueError, match="out-of-range class index 50 at flat position 2"):
-            fastloss.zloss(logits, target)
-        fastloss.set_target_checks(False)
+        out = fastloss.zloss(logits, target, reduction="none")
+        assert torch.isnan(out[2]) and bool(torch.isfinite(out[[0, 1, 3]]).all())  # (a sync on a GPU)
+        with pytest.raises(ValueError, match=r"fastloss.zloss \(an earlier call, found on the device\): argument "
+                           r"'target' has out-of-range class index 50 at flat position 2; expected 0 <= target < 50"):
+            fastloss.taylor_softmax_loss(logits, good)  # the next call raises what the previous one left
+        fastloss.taylor_softmax_loss(logits, good)  # raised once: the slot is free again
+        fastloss.check_device_errors()
+        fastloss.spherical_softmax_loss(logits, target)
+        with pytest.raises(ValueError, match=r"fastloss.spherical_softmax_loss .*class index 50 at flat position 2"):
+            fastloss.check_device_errors()
+        fastloss.check_device_errors()  # nothing left
+        fastloss.set_target_checks(True)
         try:
-            out = fastloss.zloss(logits, target, reduction="none")
+            with pytest.raises(ValueError, match="out-of-range class index 50 at flat position 2"):
+                fastloss.zloss(logits, target)
         finally:
-            fastloss.set_target_checks(True)
-    assert torch.isnan(out[2]) and bool(torch.isfinite(out[[0, 1, 3]]).all())
+            fastloss.set_target_checks(False)
+        fastloss.check_device_errors()  # the host check raised before any kernel ran
 
 
 @pytest.mark.real_gpu(reason="CUDA graph capture on a side stream")

@@ -524,3 +524,55 @@ def test_data_parallel_replicas_stay_identical_and_match_the_mean_gradient(tmp_p
         dense.optimizer.step()
     layer.load_state_dict(states[0])
     assert_close(layer.weight, dense.weight, 1e-10, "W of the replicas")
+
+
+# ---------------------------------------------------------------------------- the guard on the device (CUDA default)
+def _state(layer):
+    return {k: v.clone() for k, v in layer.state_dict().items()}
+
+
+@pytest.mark.parametrize("case", ["singular", "non-finite", "bad-target"])
+def test_cuda_guard_skips_the_update_on_the_device_and_reports_it(case, gpu):
+    """With no host read (the CUDA default), a step the guard refuses is skipped on the device: every
+    buffer stays bit-identical, the step does not count, and the error is raised by the next fastloss
+    call on the device or by fastloss.check_device_errors()."""
+    layer = make_layer(4, 10, "mse", gpu.device, lr=0.5 if case == "singular" else 0.05)
+    before = _state(layer)
+    h = torch.full((2, 4), 1.0, dtype=torch.float64) if case == "singular" else torch.randn(2, 4, dtype=torch.float64)
+    target = torch.tensor([3, 10 if case == "bad-target" else 5])
+    if case == "non-finite":
+        h[1, 2] = float("nan")
+    message = {"singular": r"could make U singular: 2 \* lr \* lambda_max.* <= [0-9.e+]+ >= 1",
+               "non-finite": "non-finite values in the step", "bad-target": "out-of-range class index 10 at flat position 1"}[case]  # fmt: skip
+    kind = ValueError if case == "bad-target" else RuntimeError
+    with gpu.kernels():
+        layer(gpu(h).requires_grad_(), gpu(target)).backward()  # no error here: nothing was read back
+        for key, value in layer.state_dict().items():
+            assert torch.equal(value, before[key]), key
+        with pytest.raises(kind, match=r"fastloss.SphericalOutputLayer \(an earlier call, found on the device\): .*"
+                           + message):  # fmt: skip
+            fastloss.check_device_errors()
+        fastloss.check_device_errors()  # raised once
+        # The next good step is applied, and a failed step left no pending error to raise in it.
+        layer(gpu(torch.randn(2, 4, dtype=torch.float64) * 0.1).requires_grad_(), gpu(torch.tensor([1, 2]))).backward()
+        fastloss.check_device_errors()
+    assert int(layer.steps) == 1 and not torch.equal(layer.packed, before["packed"])
+
+
+def test_cuda_device_guard_matches_the_host_guard(gpu):
+    """The device-guarded step (default) and the host-checked one (set_target_checks(True)) apply the same
+    update: the fixed Newton-Schulz count reaches rounding where the host picks a smaller one."""
+    layers = [make_layer(6, 50, "zloss", gpu.device, lr=0.3) for _ in range(2)]
+    generator = torch.Generator().manual_seed(3)
+    for step in range(4):
+        h, target, _ = make_batch(generator, 5, 6, 50, 2, repeat=True, ignore=True)
+        for host_checks, layer in zip((False, True), layers):
+            fastloss.set_target_checks(host_checks)
+            try:
+                with gpu.kernels():
+                    layer(gpu(h).requires_grad_(), gpu(target)).backward()
+            finally:
+                fastloss.set_target_checks(False)
+    assert_close(layers[0].weight, layers[1].weight, 1e-12, "W")
+    assert_close(layers[0].u_inv_t, layers[1].u_inv_t, 1e-12, "U^-T")
+    assert int(layers[0].steps) == int(layers[1].steps) == 4

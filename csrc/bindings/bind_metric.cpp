@@ -77,7 +77,11 @@ void bind_metric(py::module_& m) {
         p.symmetric = symmetric;
         validate(p);
         return p;
-      }));
+      }))
+      .def("set_error_slot", [](PairProblem& p, uintptr_t claim, uintptr_t words, int64_t code, int64_t pos_entries) {
+        p.error = fl::DeviceErrorSlot{ptr<int64_t>(claim), ptr<int64_t>(words), code};
+        p.pos_entries = pos_entries;
+      });
   // The CPU and CUDA entry points take the same arguments; the CPU needs no workspace.
   m.def(
       "metric_forward_cpu",

@@ -32,6 +32,7 @@ void bind_simulator(py::module_& m) {
     out["threads"] = s.threads;
     out["context_switches"] = s.context_switches;
     out["sync_calls"] = s.sync_calls;
+    out["host_polls"] = s.host_polls;
     return out;
   });
 #else

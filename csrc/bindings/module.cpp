@@ -27,6 +27,7 @@ void bind_ot(py::module_& m);
 void bind_attention(py::module_& m);
 void bind_metric(py::module_& m);
 void bind_simulator(py::module_& m);
+void bind_device_error(py::module_& m);
 
 namespace {
 
@@ -70,6 +71,7 @@ py::dict build_info() {
   info["compiler"] = "unknown";
 #endif
   info["cpu_threads"] = fl::cpu_thread_count();
+  info["cpu_pool"] = fl::cpu_pool_name();
   return info;
 }
 
@@ -118,9 +120,11 @@ void bind_spherical(py::module_& m) {
       "spherical_dense_forward_cuda",
       [](int dtype, uintptr_t logits, int64_t rows, int64_t cols, int64_t row_stride, uintptr_t target,
          int64_t ignore_index, int kind, double a, double b, double eps, uintptr_t loss, uintptr_t coef,
-         uintptr_t workspace, int64_t workspace_bytes, int device, uintptr_t stream) {
-        dense_loss_forward_cuda(dense_problem(dtype, logits, rows, cols, row_stride, target, ignore_index, kind, a, b, eps),
-                                as_ptr(loss), as_ptr(coef), as_ptr(workspace), workspace_bytes, device,
+         uintptr_t workspace, int64_t workspace_bytes, uintptr_t error_claim, uintptr_t error_words,
+         int64_t error_code, int device, uintptr_t stream) {
+        DenseLossProblem p = dense_problem(dtype, logits, rows, cols, row_stride, target, ignore_index, kind, a, b, eps);
+        p.error = fl::DeviceErrorSlot{as_ptr<int64_t>(error_claim), as_ptr<int64_t>(error_words), error_code};
+        dense_loss_forward_cuda(p, as_ptr(loss), as_ptr(coef), as_ptr(workspace), workspace_bytes, device,
                                 as_stream(stream));
       },
       py::call_guard<py::gil_scoped_release>());
@@ -161,7 +165,10 @@ void bind_spherical_factored(py::module_& m) {
         p.params = LossParams{static_cast<LossKind>(kind), a, b, eps};
         p.op_name = "fastloss.SphericalOutputLayer";
         return p;
-      }));
+      }))
+      .def("set_error_slot", [](FactoredProblem& p, uintptr_t claim, uintptr_t words, int64_t code) {
+        p.error = fl::DeviceErrorSlot{as_ptr<int64_t>(claim), as_ptr<int64_t>(words), code};
+      });
   const auto no_gil = py::call_guard<py::gil_scoped_release>();
   m.def(
       "spherical_factored_head_cpu",
@@ -352,4 +359,5 @@ PYBIND11_MODULE(_C, m) {
   bind_attention(m);
   bind_metric(m);
   bind_simulator(m);
+  bind_device_error(m);
 }

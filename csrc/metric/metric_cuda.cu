@@ -407,6 +407,36 @@ void require_cuda_problem(const PairProblem& p) {
                ": the CUDA kernels take float32, float16 or bfloat16 (float64 runs on the CPU), got float64");
 }
 
+// The index vectors' values (targets, pos_ptr, pos_idx), checked on the device and reported through
+// p.error: no host read. One grid-stride pass over them.
+__global__ void check_indices_kernel(PairProblem p, int64_t pos_entries) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < p.n + 1 + pos_entries;
+       e += stride) {
+    if (e < p.n) {
+      if (p.targets != nullptr && (p.targets[e] < 0 || p.targets[e] >= p.m)) report_device_error(p.error, 0, e, p.targets[e]);
+    } else if (e == p.n) {
+      if (p.pos_ptr != nullptr && (p.pos_ptr[0] != 0 || p.pos_ptr[p.n] > pos_entries))
+        report_device_error(p.error, 2, p.pos_ptr[0] != 0 ? 0 : p.n, p.pos_ptr[0] != 0 ? p.pos_ptr[0] : p.pos_ptr[p.n]);
+    } else {
+      const int64_t k = e - p.n - 1;
+      if (p.pos_idx[k] < 0 || p.pos_idx[k] >= p.m) report_device_error(p.error, 1, k, p.pos_idx[k]);
+    }
+  }
+  if (p.pos_ptr != nullptr) {
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < p.n; i += stride)
+      if (p.pos_ptr[i + 1] < p.pos_ptr[i]) report_device_error(p.error, 2, i + 1, p.pos_ptr[i + 1]);
+  }
+}
+
+void check_indices(const PairProblem& p, int64_t pos_entries, cudaStream_t stream) {
+  if (p.error.claim == nullptr || (p.targets == nullptr && p.pos_ptr == nullptr)) return;
+  const int64_t work = p.n + 1 + pos_entries;
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((work + kThreads - 1) / kThreads, 1024));
+  check_indices_kernel<<<blocks, kThreads, 0, stream>>>(p, pos_entries);
+  FL_CUDA_CHECK_LAUNCH(check_indices_kernel);
+}
+
 // No rows: nothing reaches y or the scale.
 void zero_gradients_of_empty_batch(const PairProblem& p, void* grad_y, void* grad_scale, cudaStream_t stream) {
   if (grad_y != nullptr && p.m * p.dim > 0)
@@ -438,6 +468,7 @@ void forward_cuda(const PairProblem& p, const ForwardOut& out, void* workspace, 
     zero_gradients_of_empty_batch(p, out.unit_grad_y, out.unit_grad_scale, stream);
     return;
   }
+  check_indices(p, p.pos_ptr != nullptr ? p.pos_entries : 0, stream);
   run(p, forward_pass<float>(out), workspace, workspace_bytes, stream);
 }
 

@@ -13,6 +13,7 @@
 
 #include <cstdint>
 
+#include "common/device_error.h"
 #include "common/dtype.h"
 #include "common/stream.h"
 
@@ -54,6 +55,11 @@ struct PairProblem {
   int option = 0;
   bool symmetric = false;  // InfoNCE: also the column losses (CLIP), from the same rows of S
   const char* op_name = "fastloss.metric";
+  // CUDA forward: an index outside its range (targets or pos_idx outside [0, m), a pos_ptr that
+  // decreases or leaves pos_idx) is reported here as (which: 0 targets, 1 pos_idx, 2 pos_ptr, position,
+  // value); the kernels give a NaN row (targets) or skip the entry (pos_idx) as before.
+  DeviceErrorSlot error;
+  int64_t pos_entries = 0;  // the length of pos_idx, for that check
 };
 
 void validate(const PairProblem& p);

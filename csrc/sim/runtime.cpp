@@ -1,6 +1,7 @@
 // The CUDA runtime of the simulated device (see sim_runtime.h). Work "on a stream" runs at once on
 // the calling thread, so every stream and event is always complete; the calls that would make the
-// host wait on a GPU are counted in stats().sync_calls, so tests can tell which ops synchronize.
+// host wait on a GPU are counted in stats().sync_calls, and the queries by which it polls the device's
+// progress in stats().host_polls, so tests can tell which ops synchronize or read device state.
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -221,7 +222,10 @@ cudaError_t cudaStreamSynchronize(cudaStream_t) {
   ++stats().sync_calls;
   return cudaSuccess;
 }
-cudaError_t cudaStreamQuery(cudaStream_t) { return cudaSuccess; }
+cudaError_t cudaStreamQuery(cudaStream_t) {
+  ++stats().host_polls;
+  return cudaSuccess;
+}
 cudaError_t cudaStreamWaitEvent(cudaStream_t, cudaEvent_t, unsigned int) { return cudaSuccess; }
 cudaError_t cudaStreamIsCapturing(cudaStream_t, cudaStreamCaptureStatus* status) {
   *status = cudaStreamCaptureStatusNone;
@@ -244,7 +248,9 @@ cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t) {
   return cudaSuccess;
 }
 cudaError_t cudaEventQuery(cudaEvent_t event) {
-  return event == nullptr ? record(cudaErrorInvalidResourceHandle) : cudaSuccess;
+  if (event == nullptr) return record(cudaErrorInvalidResourceHandle);
+  ++stats().host_polls;
+  return cudaSuccess;
 }
 cudaError_t cudaEventSynchronize(cudaEvent_t event) {
   if (event == nullptr) return record(cudaErrorInvalidResourceHandle);

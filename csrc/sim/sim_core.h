@@ -158,6 +158,8 @@ struct Stats {
   uint64_t threads = 0;
   uint64_t context_switches = 0;
   uint64_t sync_calls = 0;  // synchronizing runtime calls: stream/event/device synchronize, blocking copies
+  uint64_t host_polls = 0;  // the host asking how far the device is (event/stream queries): a host read of
+                            // device progress that decides what the host does next, so not capturable
 };
 Stats& stats();
 

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 
+#include "common/device_error.h"
 #include "common/dtype.h"
 #include "common/stream.h"
 #include "spherical/spherical_heads.h"
@@ -24,6 +25,7 @@ struct DenseLossProblem {
   int64_t ignore_index;
   LossParams params;
   const char* op_name = "fastloss.spherical";  // named in error messages
+  DeviceErrorSlot error;    // CUDA forward: a bad target is reported here as (row, target, cols)
 };
 
 // Check sizes / hyper-parameters (not target values); throw std::invalid_argument.
@@ -39,8 +41,8 @@ void dense_loss_backward_cpu(const DenseLossProblem& problem, const void* grad_l
 
 #if defined(FASTLOSS_WITH_CUDA)
 // ---- CUDA (all pointers on `device`; work is queued on `stream`) ------------
-// A row whose target is out of range gets a NaN loss and NaN gradient (no host
-// sync to check targets; the Python layer checks them when it can).
+// A row whose target is out of range gets a NaN loss and NaN gradient and, in forward, is reported
+// through problem.error (no host sync; the Python layer raises it at its next call).
 int64_t dense_loss_forward_cuda_workspace_bytes(int64_t rows, int64_t cols, int device);
 void dense_loss_forward_cuda(const DenseLossProblem& problem, void* loss, void* coef, void* workspace,
                              int64_t workspace_bytes, int device, cudaStream_t stream);

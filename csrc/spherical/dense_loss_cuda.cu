@@ -57,9 +57,10 @@ __device__ __forceinline__ void write_head(const DenseLossProblem& p, int64_t ro
                                            Acc* loss, Acc* coef) {
   const int64_t t = p.target[row];
   const T* logits = static_cast<const T*>(p.logits);
+  const bool valid = target_is_valid(t, p.cols);
+  if (!valid) report_device_error(p.error, row, t, p.cols);
   const HeadResult<Acc> head =
-      target_is_valid(t, p.cols) ? evaluate_head<Acc>(p.params, to_acc(logits[row * p.row_stride + t]), moments)
-                                      : nan_head<Acc>();
+      valid ? evaluate_head<Acc>(p.params, to_acc(logits[row * p.row_stride + t]), moments) : nan_head<Acc>();
   loss[row] = head.loss;
   store_row_gradient(coef + row * kCoefficientsPerRow, head.grad);
 }

@@ -11,6 +11,7 @@
 
 #include <cstdint>
 
+#include "common/device_error.h"
 #include "common/dtype.h"
 #include "common/host_device.h"
 #include "common/stream.h"
@@ -34,6 +35,7 @@ struct FactoredProblem {
   int64_t ignore_index = -100;
   LossParams params{LossKind::ZLoss, 1.0, 0.0, 0.0};
   const char* op_name = "fastloss.spherical_output";
+  DeviceErrorSlot error;  // CUDA head: a bad class index is reported here as (flat entry, class, D)
 };
 
 void validate_factored_problem(const FactoredProblem& p, const char* where);
@@ -66,7 +68,8 @@ void factored_group_cpu(const FactoredProblem& p, const void* scaled, const int6
 
 #if defined(FASTLOSS_WITH_CUDA)
 // ---- CUDA (pointers on `device`, work queued on `stream`, no host sync) ------
-// A bad class index gives that sample a NaN loss and no gradient from that entry.
+// A bad class index gives that sample a NaN loss and no gradient from that entry, and is reported
+// through p.error (common/device_error.h).
 void factored_head_cuda(const FactoredProblem& p, void* loss, void* partials, int device, cudaStream_t stream);
 void factored_prepare_cuda(const FactoredProblem& p, const void* partials, const void* grad_loss, int64_t grad_stride,
                            void* ytilde, void* scaled, void* coef, int device, cudaStream_t stream);

@@ -67,6 +67,7 @@ __global__ void __launch_bounds__(kThreads) head_kernel(FactoredProblem p, T* __
     const bool valid = entry_is_target(c, p.classes);  // uniform over the warp
     const T a = valid ? warp_dot(row, v + c * d, d, lane) + row[omega_slot(d)] : T(0);
     if (lane == 0) out[k] = a;
+    if (lane == 0 && !valid && c != p.ignore_index) report_device_error(p.error, j * K + k, c, p.classes);
   }
   const T q = warp_dot(static_cast<const T*>(p.h) + j * d, row + quad_offset(d), d, lane);
   if (lane != 0) return;

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch  # noqa: F401  (the ops register into torch.library)
 
 from . import _families
-from ._library import BUILD_INFO, HAS_CUDA_KERNELS, SIMULATED_CUDA, poison_outputs, set_target_checks, simulated_cuda
+from ._library import (BUILD_INFO, HAS_CUDA_KERNELS, SIMULATED_CUDA, check_device_errors, poison_outputs,
+                       set_target_checks, simulated_cuda)
 
 __version__: str = BUILD_INFO["version"]
 
@@ -20,7 +21,7 @@ def build_info() -> dict:
     return dict(BUILD_INFO)
 
 
-__all__ = ["nn", "build_info", "set_target_checks", "poison_outputs", "simulated_cuda", "HAS_CUDA_KERNELS",
+__all__ = ["nn", "build_info", "set_target_checks", "check_device_errors", "poison_outputs", "simulated_cuda", "HAS_CUDA_KERNELS",
            "SIMULATED_CUDA"]
 
 # Every family's functional API becomes fastloss.<fn>.

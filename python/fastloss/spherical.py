@@ -81,11 +81,24 @@ def _forward(device: str, name: str, kind: int, logits, target, ignore_index: in
     ws_bytes = _C.spherical_dense_forward_cuda_workspace_bytes(rows, logits.shape[1], index)
     # Freed right after the launch: the caching allocator reuses it only in stream order.
     workspace = torch.empty((ws_bytes,), dtype=torch.uint8, device=logits.device) if ws_bytes else None
+    error = L.device_error_slot(logits, _BAD_TARGET_CODES[name])  # raises what an earlier call reported
     with L.on_device(logits):
         _C.spherical_dense_forward_cuda(
-            *args, workspace.data_ptr() if ws_bytes else 0, ws_bytes, index, L.cuda_stream(logits)
+            *args, workspace.data_ptr() if ws_bytes else 0, ws_bytes, *error, index, L.cuda_stream(logits)
         )
     return loss, coef
+
+
+def _describe_bad_target(position: int, value: int, cols: int) -> str:
+    return (f"has out-of-range class index {value} at flat position {position}; expected 0 <= target < {cols} "
+            f"or target == ignore_index (that row's loss and gradient are NaN)")  # fmt: skip
+
+
+# What the CUDA forward kernel reports for a bad target, per op (csrc/common/device_error.h).
+_BAD_TARGET_CODES = {
+    name: L.register_device_error(name, "target", _describe_bad_target)
+    for name in ("zloss", "spherical_softmax_loss", "taylor_softmax_loss")
+}
 
 
 def _backward(device: str, grad_loss, logits, target, coef, ignore_index: int):
@@ -213,11 +226,15 @@ def _prepare(fn: str, logits, target, ignore_index) -> tuple[torch.Tensor, torch
     V.same_device(fn, logits=logits, target=target)
     L.require_cuda_kernels(fn, logits)
     classes = logits.shape[-1]
-    rows2d = logits.reshape(-1, classes)
+    rows2d = logits if logits.dim() == 2 else logits.reshape(-1, classes)
     if not _has_row_layout(rows2d):  # e.g. a strided column view or expanded (broadcast) rows
         rows2d = rows2d.contiguous()
-    target1d = target.reshape(-1).to(torch.int64).contiguous()
-    # The CPU kernel checks targets itself, before writing anything; on CUDA that needs a host read.
+    target1d = target if target.dim() == 1 else target.reshape(-1)
+    if target1d.dtype != torch.int64 or not target1d.is_contiguous():  # (each skipped call saves a torch op)
+        target1d = target1d.to(torch.int64).contiguous()
+    # The CPU kernel checks targets itself, before writing anything. On CUDA the kernel reports a bad one
+    # on the device (raised by the next call or fastloss.check_device_errors()); the eager host check
+    # here is the opt-in fastloss.set_target_checks(True).
     if L.is_cuda(target1d) and target1d.numel() and L.may_inspect_values(target1d):
         bad = ((target1d < 0) | (target1d >= classes)) & (target1d != ignore_index)
         if bool(bad.any()):
@@ -231,7 +248,7 @@ def _prepare(fn: str, logits, target, ignore_index) -> tuple[torch.Tensor, torch
 
 def _reduce(fn: str, loss: torch.Tensor, target: torch.Tensor, shape: torch.Size, reduction: str, ignore_index: int):
     if reduction == "none":
-        return loss.reshape(shape)
+        return loss if loss.shape == shape else loss.reshape(shape)
     if reduction == "sum":
         return loss.sum()
     # Like torch.nn.functional.cross_entropy: the mean over rows that are not ignored (NaN when all are).

@@ -90,10 +90,20 @@ def _head(device):
         loss = L.empty((m,), h.dtype, h.device)
         partials = L.empty((m, k + 2), h.dtype, h.device)
         problem = _problem(h, sh, weight_rows, target, target_weight, ignore_index, kind, a, b, eps)
+        if device == "cuda":  # a bad class index is reported on the device (raises what an earlier call left)
+            problem.set_error_slot(*L.device_error_slot(h, BAD_TARGET_CODE))
         _launch(device, "head", h, problem, loss.data_ptr(), partials.data_ptr())
         return loss, partials
 
     return impl
+
+
+BAD_TARGET_CODE = L.register_device_error(
+    "SphericalOutputLayer", "target",
+    lambda position, value, classes: (f"has out-of-range class index {value} at flat position {position}; expected "
+                                      f"0 <= target < {classes} or target == ignore_index (the step's update was "
+                                      "skipped: the layer's state is unchanged)"),
+)  # fmt: skip
 
 
 def _head_fake(h, sh, weight_rows, target, target_weight, kind, a, b, eps, ignore_index):

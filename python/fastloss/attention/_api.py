@@ -39,6 +39,12 @@ def _check_tensors(q, k, v) -> None:
                          f"({q.shape[2]}) must be <= k's ({k.shape[2]})")  # fmt: skip
 
 
+_BAD_CU_SEQLENS = L.register_device_error(
+    FN, "cu_seqlens", lambda first, last, length: f"must increase strictly from 0 to the packed length {length}, "
+    f"got first {first} and last {last} (or a step that does not increase); the rows were computed from clamped offsets",
+)  # fmt: skip
+
+
 def _check_cu_seqlens(cu_seqlens, q, k) -> torch.Tensor:
     V.tensor(FN, "cu_seqlens", cu_seqlens)
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
@@ -49,7 +55,14 @@ def _check_cu_seqlens(cu_seqlens, q, k) -> torch.Tensor:
                          f"with as many queries as keys, got q {tuple(q.shape)} and k {tuple(k.shape)}")  # fmt: skip
     if cu_seqlens.device != q.device:
         raise ValueError(f"fastloss.{FN}: 'cu_seqlens' is on {cu_seqlens.device}, q on {q.device}")
-    if L.may_inspect_values(cu_seqlens):
+    if L.is_cuda(cu_seqlens) and not L.may_inspect_values(cu_seqlens) and not torch.compiler.is_compiling():
+        # Checked on the device and reported as a device error (raised by the next call on the device or by
+        # fastloss.check_device_errors()); the kernels clamp the offsets, so bad ones give wrong rows, never
+        # reads outside k and v. fastloss.set_target_checks(True) checks them on the host instead.
+        c = cu_seqlens.to(torch.int64)
+        bad = (c[0] != 0) | (c[-1] != k.shape[2]) | (c[1:] <= c[:-1]).any()
+        L.report_device_error_if(q, _BAD_CU_SEQLENS, bad, torch.cat([c[:1], c[-1:], torch.full_like(c[:1], k.shape[2])]))
+    elif L.may_inspect_values(cu_seqlens):
         host = cu_seqlens.cpu()
         if int(host[0]) != 0 or int(host[-1]) != k.shape[2] or not bool((host[1:] > host[:-1]).all()):
             raise ValueError(f"fastloss.{FN}: 'cu_seqlens' must increase strictly from 0 to the packed length "

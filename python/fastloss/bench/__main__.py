@@ -1,4 +1,4 @@
-"""python -m fastloss.bench [--quick] [--device cpu|cuda] [--filter TEXT] [--json PATH] [--no-compile]"""
+"""python -m fastloss.bench [--quick] [--device cpu|cuda] [--filter TEXT] [--json PATH] [--no-compile] [--overhead]"""
 
 from __future__ import annotations
 
@@ -18,7 +18,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-json", action="store_true", help="print the table only")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile contenders")
     parser.add_argument("--budget", type=float, default=1.0, help="seconds of samples per contender")
+    parser.add_argument("--overhead", action="store_true",
+                        help="per-call overhead at tiny sizes against torch's nearest ops (fastloss.bench.overhead)")
     args = parser.parse_args(argv)
+    if args.overhead:
+        from . import overhead
+
+        return overhead.main(["--device", args.device, "--filter", args.filter]
+                             + (["--json", args.json] if args.json else []))
     report = run(torch.device(args.device), quick=args.quick, name_filter=args.filter,
                  compile_peer=not args.no_compile, budget_s=args.budget)
     if not args.no_json:

@@ -104,19 +104,28 @@ class _Pairs:
         return _ops.forward(self.x, self.y, self.labels, self.y_labels, None, None, None, scale_t, self.self_offset,
                             _ops.KINDS[kind], float(p1), float(p2), float(p3), int(option), False, fused)  # fmt: skip
 
-    def pair_counts(self) -> tuple[int, int]:
-        """The numbers of positive and negative pairs (over every rank with a process group)."""
+    def pair_counts(self):
+        """The numbers of positive and negative pairs: int64 tensors on the embeddings' device, counted
+        there with no host read (per row, the references with its label, by binary search in the
+        sorted reference labels); ints summed over every rank with a process group."""
         labels, ref = self.labels, self.y_labels
         if labels.numel() == 0 or ref.numel() == 0:
             return self.group.sum_int(0), self.group.sum_int(0)
-        classes = torch.cat([labels, ref]).unique(return_inverse=True)[1]
-        rows, cols = classes[: labels.shape[0]], classes[labels.shape[0]:]
-        size = int(classes.max()) + 1 if classes.numel() else 1
-        same = int((torch.bincount(rows, minlength=size) * torch.bincount(cols, minlength=size)).sum())
+        sorted_ref = ref.sort().values
+        same = (torch.searchsorted(sorted_ref, labels, right=True) - torch.searchsorted(sorted_ref, labels)).sum()
         if self.self_offset >= 0:
-            same -= labels.shape[0]
+            same = same - labels.shape[0]
         total = labels.shape[0] * ref.shape[0] - (labels.shape[0] if self.self_offset >= 0 else 0)
-        return self.group.sum_int(same), self.group.sum_int(total - same)
+        if self.group.active:
+            return self.group.sum_int(same), self.group.sum_int(total - same)
+        return same, total - same
+
+    def select(self, empty, terms: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """PML's zero loss where ``empty`` (a bool, or a bool tensor decided on the device), else ``value``
+        (computed with denominators of at least 1, so the branch not taken has a finite gradient)."""
+        if isinstance(empty, torch.Tensor):
+            return torch.where(empty, self.zero(terms), value)
+        return self.zero(terms) if empty else value
 
     def zero(self, terms: torch.Tensor) -> torch.Tensor:
         return terms.sum() * 0
@@ -124,12 +133,19 @@ class _Pairs:
     def mean_of_nonzero(self, values: torch.Tensor) -> torch.Tensor:
         """PML's AvgNonZeroReducer over values (rows): the mean over those > 0, 0 when none."""
         mask = (values > 0).to(values.dtype)
-        count = self.group.sum_float(mask.sum())
-        return (values * mask).sum() / count if count > 0 else self.zero(values)
+        return self.ratio((values * mask).sum(), mask.sum())
 
     def ratio(self, total: torch.Tensor, count) -> torch.Tensor:
-        count = self.group.sum_float(count)
-        return total / count if count > 0 else self.zero(total)
+        """total / count, 0 when count is 0; a tensor count is decided on the device (no host read)
+        unless a process group sums it."""
+        if self.group.active or not isinstance(count, torch.Tensor):
+            count = self.group.sum_float(count)
+            return total / count if count > 0 else self.zero(total)
+        return self.select(count <= 0, total, total / count.clamp(min=1))
+
+
+def _at_least_1(count):
+    return count.clamp(min=1) if isinstance(count, torch.Tensor) else max(count, 1)
 
 
 def nt_xent(embeddings, labels, *, temperature: float = 0.07, ref_emb=None, ref_labels=None, process_group=None):
@@ -144,9 +160,8 @@ def nt_xent(embeddings, labels, *, temperature: float = 0.07, ref_emb=None, ref_
     pairs = _Pairs(fn, embeddings, labels, ref_emb, ref_labels, process_group)
     terms, counts, *_ = pairs.run("nt_xent", t)
     positives, negatives = pairs.pair_counts()
-    if positives == 0 or negatives == 0 or (positives <= 1 and negatives <= 1):
-        return pairs.zero(terms).to(embeddings.dtype)
-    return (terms[:, 0].sum() / positives).to(embeddings.dtype)
+    empty = (positives == 0) | (negatives == 0) | ((positives <= 1) & (negatives <= 1))
+    return pairs.select(empty, terms, terms[:, 0].sum() / _at_least_1(positives)).to(embeddings.dtype)
 
 
 def supcon(embeddings, labels, *, temperature: float = 0.1, ref_emb=None, ref_labels=None, process_group=None):
@@ -159,9 +174,8 @@ def supcon(embeddings, labels, *, temperature: float = 0.1, ref_emb=None, ref_la
     pairs = _Pairs(fn, embeddings, labels, ref_emb, ref_labels, process_group)
     terms, *_ = pairs.run("supcon", t)
     positives, negatives = pairs.pair_counts()
-    if positives == 0 or negatives == 0 or (positives <= 1 and negatives <= 1):
-        return pairs.zero(terms).to(embeddings.dtype)
-    return pairs.mean_of_nonzero(terms[:, 0]).to(embeddings.dtype)
+    empty = (positives == 0) | (negatives == 0) | ((positives <= 1) & (negatives <= 1))
+    return pairs.select(empty, terms, pairs.mean_of_nonzero(terms[:, 0])).to(embeddings.dtype)
 
 
 def multi_similarity(embeddings, labels, *, alpha: float = 2.0, beta: float = 50.0, base: float = 0.5,
@@ -181,13 +195,13 @@ def multi_similarity(embeddings, labels, *, alpha: float = 2.0, beta: float = 50
     pairs = _Pairs(fn, embeddings, labels, ref_emb, ref_labels, process_group)
     terms, counts, *_ = pairs.run("multi_similarity", a, b, base, eps, option=1 if mining else 0)
     positives, negatives = pairs.pair_counts()
-    if mining and (positives == 0 or negatives == 0):  # the miner returns no pairs at all
-        return pairs.zero(terms).to(embeddings.dtype)
-    kept_pos = pairs.group.sum_int(int(counts[:, 0].sum()))
-    kept_neg = pairs.group.sum_int(int(counts[:, 1].sum()))
-    if kept_pos <= 1 and kept_neg <= 1:
-        return pairs.zero(terms).to(embeddings.dtype)
-    return pairs.ratio(terms[:, 0].sum(), terms.shape[0]).to(embeddings.dtype)
+    kept_pos, kept_neg = counts[:, 0].sum(), counts[:, 1].sum()
+    if pairs.group.active:
+        kept_pos, kept_neg = pairs.group.sum_int(int(kept_pos)), pairs.group.sum_int(int(kept_neg))
+    empty = (kept_pos <= 1) & (kept_neg <= 1)
+    if mining:  # the miner returns no pairs at all
+        empty = empty | (positives == 0) | (negatives == 0)
+    return pairs.select(empty, terms, pairs.ratio(terms[:, 0].sum(), terms.shape[0])).to(embeddings.dtype)
 
 
 def circle(embeddings, labels, *, m: float = 0.25, gamma: float = 256.0, ref_emb=None, ref_labels=None,
@@ -202,9 +216,8 @@ def circle(embeddings, labels, *, m: float = 0.25, gamma: float = 256.0, ref_emb
     pairs = _Pairs(fn, embeddings, labels, ref_emb, ref_labels, process_group)
     terms, *_ = pairs.run("circle", m_value, g)
     positives, negatives = pairs.pair_counts()
-    if positives <= 1 and negatives <= 1:
-        return pairs.zero(terms).to(embeddings.dtype)
-    return pairs.mean_of_nonzero(terms[:, 0]).to(embeddings.dtype)
+    empty = (positives <= 1) & (negatives <= 1)
+    return pairs.select(empty, terms, pairs.mean_of_nonzero(terms[:, 0])).to(embeddings.dtype)
 
 
 def contrastive(embeddings, labels, *, pos_margin: float = 0.0, neg_margin: float = 1.0,
@@ -221,11 +234,9 @@ def contrastive(embeddings, labels, *, pos_margin: float = 0.0, neg_margin: floa
     pairs = _Pairs(fn, embeddings, labels, ref_emb, ref_labels, process_group)
     terms, counts, *_ = pairs.run("contrastive", pm, nm, option=1 if distance == "cosine" else 0)
     positives, negatives = pairs.pair_counts()
-    if positives <= 1 and negatives <= 1:
-        return pairs.zero(terms).to(embeddings.dtype)
-    pos = pairs.ratio(terms[:, 0].sum(), float(counts[:, 0].sum())) if positives > 0 else pairs.zero(terms)
-    neg = pairs.ratio(terms[:, 1].sum(), float(counts[:, 1].sum())) if negatives > 0 else pairs.zero(terms)
-    return (pos + neg).to(embeddings.dtype)
+    pos = pairs.select(positives <= 0, terms, pairs.ratio(terms[:, 0].sum(), counts[:, 0].sum()))
+    neg = pairs.select(negatives <= 0, terms, pairs.ratio(terms[:, 1].sum(), counts[:, 1].sum()))
+    return pairs.select((positives <= 1) & (negatives <= 1), terms, pos + neg).to(embeddings.dtype)
 
 
 TRIPLET_MINING = {"all": 0, "batch_hard": 1, "semi_hard": 2}
@@ -249,7 +260,7 @@ def triplet(embeddings, labels, *, margin: float = 0.05, mining: str = "all", mi
     mm = margin if mining_margin is None else V.real_number(fn, "mining_margin", mining_margin)
     pairs = _Pairs(fn, embeddings, labels, ref_emb, ref_labels, process_group)
     terms, counts, *_ = pairs.run("triplet", margin, mm, option=TRIPLET_MINING[mining])
-    return pairs.ratio(terms[:, 0].sum(), float(counts[:, 0].sum())).to(embeddings.dtype)
+    return pairs.ratio(terms[:, 0].sum(), counts[:, 0].sum()).to(embeddings.dtype)
 
 
 # ---- query / key losses ------------------------------------------------------------------------
@@ -310,7 +321,8 @@ def info_nce(query, key, *, temperature: float = 0.07, labels=None, symmetric: b
             raise ValueError(f"fastloss.{fn}: 'logit_scale' (the multiplier of the logits) must be finite and > 0, "
                              f"got {float(logit_scale.detach())}")  # fmt: skip
         scale = logit_scale.reshape(())
-    fused = not symmetric and q.shape[0] > 0 and _wants_grad(q, k, scale)
+    # The fused gradient needs a uniform upstream gradient on the rows: a mean or a sum, not "none".
+    fused = not symmetric and reduction != "none" and q.shape[0] > 0 and _wants_grad(q, k, scale)
     terms, _, _, col_terms, *_ = _ops.forward(q, k, None, None, targets, None, None, scale, -1, _ops.KINDS["info_nce"],
                                               0.0, 0.0, 0.0, 0, bool(symmetric), fused)  # fmt: skip
     rows = terms[:, 0]
@@ -350,12 +362,15 @@ def _positive_lists(fn, positives, n, m, device):
             raise ValueError(f"fastloss.{fn}: 'positives' must be a ({n}, m) bool mask or a ({n}, P) integer tensor of "
                              f"key indices padded with -1, got {positives.dtype} {tuple(positives.shape)}")  # fmt: skip
         valid = positives >= 0
-        if bool((positives >= m).any()):
+        # On CUDA by default the forward checks the indices on the device instead (a deferred error).
+        if (not L.is_cuda(positives) or L.may_inspect_values(positives)) and bool((positives >= m).any()):
             raise ValueError(f"fastloss.{fn}: 'positives' holds key indices >= {m}")
         rows = valid.nonzero(as_tuple=True)[0]
         cols = positives[valid].to(torch.int64)
     ptr = torch.zeros(n + 1, dtype=torch.int64, device=device)
-    ptr[1:] = torch.bincount(rows, minlength=n).cumsum(0)
+    # (not bincount, which reads the largest row index back on CUDA; nonzero above still does: the
+    # number of positives sizes pos_idx)
+    ptr[1:].index_add_(0, rows, torch.ones_like(rows)).cumsum_(0)
     return ptr, cols.contiguous()
 
 

@@ -56,9 +56,10 @@ def _workspace(problem, device: str, gradient: bool, like: torch.Tensor) -> tupl
 
 
 def _check_index_values(x, y, targets, pos_ptr, pos_idx) -> None:
-    """Index contents on CUDA, read on the host when that is allowed (fastloss.set_target_checks);
-    the CPU kernels check them themselves. Unchecked, an index outside [0, m) makes its row NaN
-    (targets) or is skipped (positive lists)."""
+    """Index contents on CUDA, read on the host when asked (fastloss.set_target_checks(True)); the CPU
+    kernels check them themselves. Otherwise the CUDA forward checks them on the device and reports
+    a bad one as a device error (raised by the next call or fastloss.check_device_errors()); the
+    kernels make a row with a target outside [0, m) NaN and skip a positive outside it."""
     if not L.is_cuda(x) or not L.may_inspect_values(x):
         return
     m = y.shape[0]
@@ -70,9 +71,21 @@ def _check_index_values(x, y, targets, pos_ptr, pos_idx) -> None:
         raise ValueError("fastloss.metric: 'pos_ptr' must start at 0, not decrease and end within pos_idx")
 
 
+def _describe_bad_index(which: int, position: int, value: int) -> str:
+    name = ("targets (the 'labels' of info_nce / auc_loss: each query's positive key)", "pos_idx (the 'positives' "
+            "of decoupled_softmax)", "pos_ptr")[which] if 0 <= which < 3 else f"index vector {which}"  # fmt: skip
+    rule = "must start at 0, not decrease and end within pos_idx" if which == 2 else "must be in [0, number of keys)"
+    return (f"{name} holds {value} at position {position}, but {rule} (a bad target makes its row NaN, a bad "
+            "positive is skipped)")
+
+
+# What the CUDA forward reports for a bad index value (csrc/metric/metric_cuda.cu check_indices_kernel).
+_BAD_INDEX_CODE = L.register_device_error("metric", None, _describe_bad_index)
+
+
 def _problem(x, y, labels_x, labels_y, targets, pos_ptr, pos_idx, scale, self_offset, kind, p1, p2, p3, option,
              symmetric, with_grad=False):  # fmt: skip
-    p0 = float(scale.detach())
+    p0 = L.host_scalar_value(scale)  # a CPU scalar by default; a CUDA logit_scale is read (a sync)
     return _C.PairProblem(L.DTYPE_CODES[x.dtype], x.shape[0], y.shape[0], x.shape[1], x.data_ptr(), y.data_ptr(),
                           _ptr(labels_x), _ptr(labels_y), _ptr(targets), _ptr(pos_ptr), _ptr(pos_idx), self_offset,
                           kind, p0, p1, p2, p3, option, symmetric)  # fmt: skip
@@ -117,6 +130,8 @@ def _forward(x, y, labels_x, labels_y, targets, pos_ptr, pos_idx, scale, self_of
     call = _Call(x, y, labels_x, labels_y, targets, pos_ptr, pos_idx, scale, self_offset, kind, p1, p2, p3, option,
                  symmetric, device=device, gradient=with_grad)  # fmt: skip
     xc, yc, problem = call.x, call.y, call.problem
+    if device == "cuda":  # index values are checked on the device (raises what an earlier call reported)
+        problem.set_error_slot(*L.device_error_slot(xc, _BAD_INDEX_CODE), 0 if pos_idx is None else pos_idx.numel())
     n, m = xc.shape[0], yc.shape[0]
     terms = L.empty((n, ROW_TERMS), acc, xc.device)
     counts = L.empty((n, ROW_TERMS), acc, xc.device)
@@ -187,11 +202,19 @@ def _setup_context(ctx, inputs, output):
 def _fused_gradient(grad_terms, grad_col_terms, unit_x, unit_y, unit_scale, active):
     """The gradients computed in the forward (unit upstream on every row's first term), scaled,
     when the upstream gradient is that up to one factor c: the same c on every row whose gradient
-    row is not zero, nothing on the second terms and the columns. None otherwise."""
+    row is not zero, nothing on the second terms and the columns. None otherwise (the backward op).
+
+    On the CPU this is checked on the host (free). On CUDA a check would read back (a sync per
+    backward), and the functional API asks for the fused gradient (``with_grad``) only under a mean or
+    sum of the rows' first terms, whose upstream gradient is uniform: so c is taken from the first active
+    row on the device, and a gradient that is not uniform after all (the op called directly with other
+    upstream gradients) is reported as a device error instead of being used silently."""
     if unit_x.numel() == 0 and unit_y.numel() == 0 and unit_scale.numel() == 0:
         return None
     if type(grad_terms) is not torch.Tensor:  # traced (fake / functional tensors): no data-dependent check
         return None
+    if L.is_cuda(unit_x):
+        return _fused_gradient_on_device(grad_terms, grad_col_terms, unit_x, unit_y, unit_scale, active)
     if grad_col_terms is not None and bool((grad_col_terms != 0).any()):
         return None
     if grad_terms is None or bool((grad_terms[:, 1] != 0).any()):
@@ -200,6 +223,33 @@ def _fused_gradient(grad_terms, grad_col_terms, unit_x, unit_y, unit_scale, acti
     if values.numel() and not bool((values == values[0]).all()):
         return None
     c = values[0] if values.numel() else grad_terms.new_zeros(())
+    return c * unit_x, c * unit_y, c * unit_scale.reshape(())
+
+
+def _describe_non_uniform(row: int, _b: int, _c: int) -> str:
+    return (f"the fused backward of metric_forward(with_grad=True) got an upstream gradient that differs at row "
+            f"{row} from the first active row's (or is nonzero on the second terms or the columns); it needs a "
+            "mean or sum of the rows' first terms. Call the op with with_grad=False for other uses (the "
+            "gradients of this backward are wrong)")  # fmt: skip
+
+
+_NON_UNIFORM_CODE = L.register_device_error("metric_forward", None, _describe_non_uniform, RuntimeError)
+
+
+def _fused_gradient_on_device(grad_terms, grad_col_terms, unit_x, unit_y, unit_scale, active):
+    if grad_terms is None:
+        return None  # no upstream on the rows at all: the backward op (zeros) is exact and reads nothing
+    is_active = active > 0
+    first = grad_terms[:, 0]
+    index = is_active.to(torch.uint8).argmax().reshape(1)  # the first active row (0 when none: unit grads are 0)
+    c = first.gather(0, index).reshape(())
+    same = (first == c) | (first.isnan() & c.isnan())  # a NaN upstream gives NaN gradients, not an error
+    bad_row = is_active & ~same
+    bad = bad_row.any() | (grad_terms[:, 1] != 0).any()
+    if grad_col_terms is not None:
+        bad = bad | (grad_col_terms != 0).any()
+    details = torch.stack([bad_row.to(torch.uint8).argmax(), torch.zeros_like(index[0]), torch.zeros_like(index[0])])
+    L.report_device_error_if(unit_x, _NON_UNIFORM_CODE, bad, details)
     return c * unit_x, c * unit_y, c * unit_scale.reshape(())
 
 

@@ -18,6 +18,7 @@ State (all buffers, so ``state_dict`` and ``.to()`` carry it):
 from __future__ import annotations
 
 import math
+import struct
 import weakref
 
 import torch
@@ -34,6 +35,23 @@ _LOSS_PARAMS = {  # loss -> (a, b, eps) used by the head, from the constructor's
     "mse": lambda a, b, eps: (1.0, 0.0, 0.0),
 }
 _STABLE_RANGE = (0.5, 2.0)  # singular values of U outside this range are reset to 1
+
+
+def _describe_refused_step(reason: int, lam_bits: int, bound_bits: int) -> str:
+    lam, bound = struct.unpack("<2d", struct.pack("<2q", lam_bits, bound_bits))
+    what = {
+        1: "non-finite values in the step (in h, target_weight or the gradient of the loss)",
+        2: f"the step could make U singular: 2 * lr * lambda_max(h^T diag(max(dL/dq, 0)) h) <= {lam:.4g} >= 1 "
+           "(lower lr or the scale of h)",
+        3: f"the step is too large for the U^-T update without a host read (||X||_F = {bound:.4g}: its fixed "
+           "Newton-Schulz count did not reach rounding); lower lr, or use fastloss.set_target_checks(True), whose "
+           "eager check takes LU there",
+        4: "a class index out of range",
+    }.get(reason, f"reason {reason}")
+    return f"{what}; the update was skipped and the layer's state is unchanged"
+
+
+_GUARD_CODE = L.register_device_error("SphericalOutputLayer", None, _describe_refused_step, RuntimeError)
 
 
 class _PendingStep:
@@ -121,12 +139,15 @@ class SphericalOutputLayer(torch.nn.Module):
             deterministic update (the mean of the ranks' gradients, as DDP), keeping replicas identical.
             Every rank must call the layer with the same batch shape.
         deterministic: scatter into V without atomics (CUDA); default: ``torch.are_deterministic_algorithms_enabled()``.
-        check_stability: before each update, raise if 2 lr lambda_max(h^T diag(dL/dq) h) >= 1 (U would
-            become singular) or if a value the update reads is not finite, and fit the Newton-Schulz
-            iteration count of the U^-T update to the step. Costs one host read per step. Off (and
-            always under CUDA-graph capture), a CUDA step reads nothing back: it runs a fixed count and
-            records its residual bound for ``check()``; with ``fastloss.set_target_checks(False)`` too,
-            an eager CUDA step never waits for the GPU.
+        check_stability: before each update, refuse a step with 2 lr lambda_max(h^T diag(dL/dq) h) >= 1
+            (U would become singular) or a value the update reads that is not finite. On the CPU (and
+            on CUDA with ``fastloss.set_target_checks(True)``) it raises, from one host read per step
+            that also fits the Newton-Schulz count of the U^-T update to the step. On CUDA by default
+            (and under CUDA-graph capture) it is decided on the device: a refused step is skipped (the
+            state stays bit-identical) and raised later as a device error (``fastloss.check_device_errors()``),
+            and the count is fixed, with its residual checked. Off, a CUDA step runs a fixed count
+            unchecked and records its residual bound for ``check()``. Either way an eager CUDA step
+            reads nothing back, except ``stabilize()`` every ``stabilize_every`` steps (one read).
 
     ``loss = layer(h, target)`` (``h``: (..., d); ``target``: (...) or (..., K) int64, with an optional
     ``target_weight`` of the target's shape: the target values for "mse", per-entry weights otherwise).
@@ -346,12 +367,29 @@ class SphericalOutputLayer(torch.nn.Module):
             x = torch.mm(hs, hs.t()).mul_(c.unsqueeze(0))
         else:
             x = torch.mm(hs.t(), two_gq_h).mul_(eta)
-        iterations = self._plan_inverse(hs, gq, eta, x, (ytilde, scaled))
+        iterations, guard = self._plan_inverse(hs, gq, eta, x, (ytilde, scaled), target)
+        power = None
         if woodbury:
-            z = inverse.solve_near_identity(x, hs, iterations).mul_(c.unsqueeze(1))
-            old_rows = torch.mm(hs, self.u_inv_t.t())  # rows U^-T h_j, before the in-place update below
+            z, power = inverse.solve_near_identity(x, hs, iterations, return_power=True)
+            z = z.mul_(c.unsqueeze(1))
         else:
-            new_u_inv_t = inverse.solve_near_identity(x, self.u_inv_t.t(), iterations).t()
+            new_u_inv_t, power = inverse.solve_near_identity(x, self.u_inv_t.t(), iterations, return_power=True)
+            new_u_inv_t = new_u_inv_t.t()
+        ok = None
+        if guard is not None:
+            # Guarded on the device: a refused step goes on with every input of the update zeroed (non-finite
+            # values included), so each in-place write below adds exact zeros and the rescalings multiply by
+            # 1: the state stays bit-identical, with no host read.
+            ok = self._finish_device_guard(hs, guard, power)
+            hs, sh, ytilde, scaled, coef, grad_h = (torch.where(ok, t, 0.0) for t in (hs, sh, ytilde, scaled, coef,
+                                                                                       grad_h))  # fmt: skip
+            two_gq_h = ytilde[:, d + 2 :]
+            if woodbury:
+                z = torch.where(ok, z, 0.0)
+            else:
+                new_u_inv_t = torch.where(ok, new_u_inv_t, self.u_inv_t)
+        if woodbury:
+            old_rows = torch.mm(hs, self.u_inv_t.t())  # rows U^-T h_j, before the in-place update below
         # Q <- Q - eta (gradH^T h + h^T gradH) + eta^2 H M H^T, M = G^T G (G = dL/dO, D x m).
         Q = self.Q
         # The m x m-free form needs fewer FLOPs from m ~ 2d, but on an H100 at d = 512, m = 1024 it was
@@ -376,10 +414,16 @@ class SphericalOutputLayer(torch.nn.Module):
         r = torch.mm(hs, self.u_inv_t.t())
         ops.scatter_(self.V, hs, sh, target, scaled, r, eta, self._scatter_order(target, order))
         if decay != 1.0:
-            self.packed[: d + 2].mul_(decay)
-            Q.mul_(decay * decay)
-            self.u_inv_t.div_(decay)
-        self._after_update()
+            if ok is None:
+                self.packed[: d + 2].mul_(decay)
+                Q.mul_(decay * decay)
+                self.u_inv_t.div_(decay)
+            else:
+                factor = torch.where(ok, torch.full((), decay, dtype=self.state_dtype, device=ok.device), 1.0)
+                self.packed[: d + 2].mul_(factor)
+                Q.mul_(factor * factor)
+                self.u_inv_t.div_(factor)
+        self._after_update(ok)
 
     def _gram_term(self, hs, sh, target, scaled, grad_h, eta):
         """eta^2 M h - eta gradH (rows), with the m x m M from the kernel: O(m^2 d) (m < 4d)."""
@@ -417,15 +461,24 @@ class SphericalOutputLayer(torch.nn.Module):
             return None
         return order if order is not None else torch.sort(target.reshape(-1), stable=True).indices
 
-    def _plan_inverse(self, hs, gq, eta: float, x: torch.Tensor, inputs: tuple) -> int | None:
+    def _plan_inverse(self, hs, gq, eta: float, x: torch.Tensor, inputs: tuple, target: torch.Tensor):
         """Checks the step before any state changes and picks the Newton-Schulz iteration count for
-        (I - X)^-1 (None: LU), from one host read: ||X||_F, the sum of |inputs| (every value the update
-        reads: non-finite h, target_weight or grad_output must not reach the state) and the guard's
-        bound. The guard raises if 2 eta lambda_max(h^T diag(max(gq, 0)) h) >= 1, an upper bound of
-        the 2 eta lambda_max(h^T diag(gq) h) that would make U singular at 1."""
-        if L.is_cuda(hs) and not (self.check_stability and L.may_inspect_values(hs)):  # no host read on CUDA
+        (I - X)^-1 (None: LU). Returns (iterations, guard): guard is None when the step was checked on the
+        host (or not at all), else what _finish_device_guard turns into the device flag the update applies.
+
+        On the host (the CPU, or CUDA with fastloss.set_target_checks(True)), from one read: ||X||_F,
+        the sum of |inputs| (every value the update reads: non-finite h, target_weight or grad_output
+        must not reach the state) and the guard's bound. The guard raises if
+        2 eta lambda_max(h^T diag(max(gq, 0)) h) >= 1, an upper bound of the 2 eta lambda_max(h^T diag(gq) h)
+        that would make U singular at 1."""
+        if L.is_cuda(hs) and not L.may_inspect_values(hs):  # no host read on CUDA
+            if self.check_stability:
+                return self._device_guard(hs, gq, eta, x, inputs, target)
             torch.maximum(self._unchecked_bound, torch.linalg.matrix_norm(x), out=self._unchecked_bound)
-            return None if self._inverse_method == "lu" else inverse.UNCHECKED_ITERATIONS
+            return (None if self._inverse_method == "lu" else inverse.UNCHECKED_ITERATIONS), None
+        if L.is_cuda(hs) and not self.check_stability:
+            torch.maximum(self._unchecked_bound, torch.linalg.matrix_norm(x), out=self._unchecked_bound)
+            return (None if self._inverse_method == "lu" else inverse.UNCHECKED_ITERATIONS), None
         checks = [torch.linalg.matrix_norm(x), sum(t.abs().sum() for t in inputs)]
         gram = inverse.positive_part_gram(hs, gq, eta) if self.check_stability else None
         if gram is not None:
@@ -446,14 +499,44 @@ class SphericalOutputLayer(torch.nn.Module):
                     "state is unchanged"
                 )
         if self._inverse_method == "lu":
-            return None
-        return inverse.iterations_for(bound, hs.dtype) if bound < inverse.MAX_NEWTON_BOUND else None
+            return None, None
+        return (inverse.iterations_for(bound, hs.dtype) if bound < inverse.MAX_NEWTON_BOUND else None), None
 
-    def _after_update(self) -> None:
+    def _device_guard(self, hs, gq, eta: float, x: torch.Tensor, inputs: tuple, target: torch.Tensor):
+        """The guard of _plan_inverse decided on the device, with no host read (CUDA by default, and in
+        CUDA-graph capture). Returns (iterations, (reason, lam, bound)): reason 0 when every class index is
+        valid, every input finite and the guard's bound of lambda_max < 1 (lambda_max_bound: at most ~1.1x
+        the exact value that the host path computes). The Newton-Schulz count is fixed (exact up to
+        ||X||_F = MAX_NEWTON_BOUND); _finish_device_guard also refuses a step whose residual it did not
+        bring to rounding (the host path takes LU there)."""
+        bound = torch.linalg.matrix_norm(x)
+        total = sum(t.abs().sum() for t in inputs)
+        lam = inverse.lambda_max_bound(inverse.positive_part_gram(hs, gq, eta))
+        valid = ((target >= 0) & (target < self.num_classes)) | (target == self.ignore_index)
+        reason = torch.where(~valid.all(), 4, torch.where(~(torch.isfinite(bound) & torch.isfinite(total)), 1,
+                                                          torch.where(~(lam < 1.0), 2, 0)))  # fmt: skip
+        iterations = None if self._inverse_method == "lu" else inverse.device_iterations(hs.dtype)
+        return iterations, (reason, lam, bound)
+
+    def _finish_device_guard(self, hs, guard, power) -> torch.Tensor:
+        """ok (a device bool) from the guard and the Newton-Schulz residual ||X^(2^(k+1))||_F (power is
+        X^(2^k), None after LU); a refused step is reported as a device error."""
+        reason, lam, bound = guard
+        if power is not None:
+            converged = torch.linalg.matrix_norm(torch.mm(power, power)) <= torch.finfo(hs.dtype).eps
+            reason = torch.where((reason == 0) & ~converged, 3, reason)
+        details = torch.stack([lam.to(torch.float64), bound.to(torch.float64)]).view(torch.int64)
+        L.report_device_error_if(hs, _GUARD_CODE, reason, torch.cat([reason.reshape(1).to(torch.int64), details]))
+        return reason == 0
+
+    def _after_update(self, ok: torch.Tensor | None = None) -> None:
         self._version += 1
-        self.steps += 1
-        self._host_steps += 1  # the schedule reads this copy: reading `steps` would sync with the GPU
-        if L.is_cuda(self.V) and not L.may_inspect_values(self.V):
+        if ok is None:
+            self.steps += 1
+        else:
+            self.steps += ok.to(self.steps.dtype)  # a skipped step leaves the count too
+        self._host_steps += 1  # the schedule reads this copy (steps tried): reading `steps` would sync with the GPU
+        if L.is_cuda(self.V) and L.graph_capturing(self.V):
             return  # under CUDA-graph capture: call stabilize() / refresh() outside the graph
         count = self._host_steps
         if self.stabilize_every and count % self.stabilize_every == 0:

@@ -94,12 +94,15 @@ def matmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = Non
     """
     if not isinstance(qw, QuantizedWeight):
         raise TypeError(f"fastloss.quant.matmul: 'qw' must be a QuantizedWeight, got {type(qw).__name__}")
-    return packed_linear(x, qw.main, qw.side, qw.side_index, qw.scales, qw.zeros, bias, qw.shape, qw.group_size)
+    return packed_linear(x, qw.main, qw.side, qw.side_index, qw.scales, qw.zeros, bias, qw.shape, qw.group_size,
+                         cache_owner=qw)
 
 
-def packed_linear(x, main, side, side_index, scales, zeros, bias, shape, group_size: int) -> torch.Tensor:
+def packed_linear(x, main, side, side_index, scales, zeros, bias, shape, group_size: int, *,
+                  cache_owner=None) -> torch.Tensor:
     """``matmul`` on the arrays of a QuantizedWeight (what QuantLinear calls: no Python object is
-    built, so torch.compile traces it whole)."""
+    built, so torch.compile traces it whole). ``cache_owner`` (the QuantizedWeight or module the arrays
+    belong to) keeps the checked arrays between calls: plain eager calls then check only x and bias."""
     fn = "fastloss.quant.matmul"
     out_features, in_features = shape
     if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != in_features:
@@ -114,7 +117,13 @@ def packed_linear(x, main, side, side_index, scales, zeros, bias, shape, group_s
                          f"(the CUDA kernel needs the scales' dtype: qw.to({x.dtype}))")  # fmt: skip
     if bias is not None and (bias.shape != (out_features,) or bias.dtype != x.dtype or bias.device != x.device):
         raise ValueError(f"{fn}: 'bias' must be a {x.dtype} vector of {out_features} on {x.device}")
-    leading = x.shape[:-1]
-    y = _ops.quant_matmul(x.reshape(-1, in_features), main, side, side_index, scales, zeros, bias, out_features,
-                          in_features, group_size)  # fmt: skip
-    return y.reshape(*leading, out_features)
+    x2 = x.reshape(-1, in_features) if x.dim() != 2 else x
+    # The packed arrays never need a gradient and share x's device (checked when prepared).
+    path = L.direct_path((x,) if bias is None else (x, bias))
+    if path is not None:
+        arrays = (main, side, side_index, scales, zeros)
+        weight = _ops.prepared(cache_owner, *arrays, out_features, in_features, group_size)
+        y = _ops.run_matmul(path, x2, arrays, weight, bias)
+    else:
+        y = _ops.quant_matmul(x2, main, side, side_index, scales, zeros, bias, out_features, in_features, group_size)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)

@@ -33,7 +33,7 @@ class QuantizedWeight:
         self.shape = (int(shape[0]), int(shape[1]))
         self.group_size = int(group_size)
         packed = self._packed_shape()  # validates sizes and dtypes
-        if L.may_inspect_values(self.side_index):  # and the values the kernels index with
+        if L.may_validate_once(self.side_index):  # and the values the kernels index with
             _ops.check_contents("quant.QuantizedWeight", self.side_index, self.zeros, packed.side_groups)
 
     # ---- construction --------------------------------------------------------------------------
@@ -59,7 +59,7 @@ class QuantizedWeight:
             raise ValueError(f"{fn}: 'scales' must be float16 or bfloat16, got {scales.dtype}")
         if len({codes.device, scales.device, zeros.device}) != 1:
             raise ValueError(f"{fn}: 'codes', 'scales' and 'zeros' must be on one device")
-        if L.may_inspect_values(codes):
+        if L.may_validate_once(codes):
             if not bool(((group_bits == 2) | (group_bits == 4)).all()):
                 raise ValueError(f"{fn}: 'group_bits' must be 2 or 4")
             levels = torch.where(group_bits == 4, 16, 4).to(codes.device)

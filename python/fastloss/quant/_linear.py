@@ -78,7 +78,7 @@ class QuantLinear(torch.nn.Module):
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)  # kept in the scales' dtype; float32 activations on the CPU
         return packed_linear(x, self.main, self.side, self.side_index, self.scales, self.zeros, bias,
-                             (self.out_features, self.in_features), self.group_size)  # fmt: skip
+                             (self.out_features, self.in_features), self.group_size, cache_owner=self)  # fmt: skip
 
     def extra_repr(self) -> str:
         qw = self.qweight

@@ -14,6 +14,8 @@ arguments. The kernels' choice by shape is in one place: ``_matmul_cuda`` below 
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from .. import _C
@@ -189,30 +191,68 @@ def _kernel_x(x: torch.Tensor, device: str) -> torch.Tensor:
     return padded
 
 
+class PreparedWeight:
+    """The checked packed arrays of one weight and the kernel's view of them (``_C.QuantPackedWeight``),
+    built once and reused while the same array objects are passed (the checks depend only on their
+    dtypes, shapes, layout and device, which an in-place write leaves unchanged). Holds the arrays by
+    weak reference, so a module moved to another device frees its old arrays."""
+
+    __slots__ = ("refs", "sizes", "shape", "weight")
+
+    def __init__(self, main, side, side_index, scales, zeros, rows: int, cols: int, group_size: int) -> None:
+        self.shape = _check_arrays("quant_matmul", main, side, side_index, rows, cols, group_size, scales, zeros)
+        self.refs = tuple(weakref.ref(t) for t in (main, side, side_index, scales, zeros))
+        self.sizes = (rows, cols, group_size)
+        self.weight = _packed_weight(self.shape, main, side, side_index, scales, zeros)
+
+    def matches(self, main, side, side_index, scales, zeros, rows: int, cols: int, group_size: int) -> bool:
+        r = self.refs
+        return (r[0]() is main and r[1]() is side and r[2]() is side_index and r[3]() is scales and r[4]() is zeros
+                and self.sizes == (rows, cols, group_size))  # fmt: skip
+
+
+def prepared(cache_owner, main, side, side_index, scales, zeros, rows: int, cols: int, group_size: int):
+    """The PreparedWeight of these arrays, cached on ``cache_owner`` (a QuantizedWeight or QuantLinear)."""
+    cached = getattr(cache_owner, "_fastloss_prepared", None) if cache_owner is not None else None
+    if cached is not None and cached.matches(main, side, side_index, scales, zeros, rows, cols, group_size):
+        return cached
+    cached = PreparedWeight(main, side, side_index, scales, zeros, rows, cols, group_size)
+    if cache_owner is not None:
+        cache_owner._fastloss_prepared = cached
+    return cached
+
+
+def run_matmul(device: str, x: torch.Tensor, arrays: tuple, w: PreparedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x W^T + bias for a 2-D x on checked ``arrays`` (main, side, side_index, scales, zeros): the
+    kernel part of the op, also called directly by ``fastloss.quant.matmul`` in plain eager code."""
+    shape = w.shape
+    scales = arrays[3]
+    _check_matmul(x, bias, shape, scales, device)
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
+    m = x.shape[0]
+    if device == "cuda" and m >= DENSE_ROWS:
+        weight = quant_dequantize(*arrays, *w.sizes, x.dtype)
+        return torch.nn.functional.linear(x, weight, bias)
+    xk = _kernel_x(x, device)
+    y = L.empty((m, shape.rows), x.dtype, x.device)
+    if m == 0:
+        return y
+    args = (w.weight, L.DTYPE_CODES[x.dtype], xk.data_ptr(), m, xk.stride(0), bias.data_ptr() if bias is not None else 0,
+            y.data_ptr(), y.stride(0))  # fmt: skip
+    if device == "cuda":  # partial sums of row blocks that two CTAs share
+        with L.on_device(x):
+            need = _C.quant_matmul_cuda_workspace_bytes(m, shape, L.device_index(x))
+        workspace = torch.empty(need, dtype=torch.uint8, device=x.device)
+        args += (workspace.data_ptr(), need)
+    L.launch("quant_matmul", device, x, *args)
+    return y
+
+
 def _matmul(device: str):
     def impl(x, main, side, side_index, scales, zeros, bias, rows, cols, group_size):
-        shape = _check_arrays("quant_matmul", main, side, side_index, rows, cols, group_size, scales, zeros)
-        _check_matmul(x, bias, shape, scales, device)
-        if bias is not None:
-            bias = bias.contiguous()
-        m = x.shape[0]
-        if device == "cuda" and m >= DENSE_ROWS:
-            weight = quant_dequantize(main, side, side_index, scales, zeros, rows, cols, group_size, x.dtype)
-            return torch.nn.functional.linear(x, weight, bias)
-        xk = _kernel_x(x, device)
-        y = L.empty((m, rows), x.dtype, x.device)
-        if m == 0:
-            return y
-        weight = _packed_weight(shape, main, side, side_index, scales, zeros)
-        args = (weight, L.DTYPE_CODES[x.dtype], xk.data_ptr(), m, xk.stride(0), bias.data_ptr() if bias is not None else 0,
-                y.data_ptr(), y.stride(0))  # fmt: skip
-        if device == "cuda":  # partial sums of row blocks that two CTAs share
-            with L.on_device(x):
-                need = _C.quant_matmul_cuda_workspace_bytes(m, shape, L.device_index(x))
-            workspace = torch.empty(need, dtype=torch.uint8, device=x.device)
-            args += (workspace.data_ptr(), need)
-        L.launch("quant_matmul", device, x, *args)
-        return y
+        w = PreparedWeight(main, side, side_index, scales, zeros, rows, cols, group_size)
+        return run_matmul(device, x, (main, side, side_index, scales, zeros), w, bias)
 
     return impl
 
