@@ -1,14 +1,18 @@
 // See thread_pool.h.
 #include "common/thread_pool.h"
 
+#include "common/omp_team.h"
+
 #include <sched.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstdlib>
 #include <exception>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -17,6 +21,24 @@ namespace {
 
 thread_local bool inside_piece = false;
 int pool_size_limit();
+
+// Marks the current thread as running a piece, so that a nested parallel loop runs serially.
+struct PieceScope {
+  PieceScope() { inside_piece = true; }
+  ~PieceScope() { inside_piece = false; }
+  PieceScope(const PieceScope&) = delete;
+  PieceScope& operator=(const PieceScope&) = delete;
+};
+
+// FASTLOSS_CPU_POOL=own keeps fastloss's own pool even when an OpenMP runtime is loaded; the default
+// borrows torch's OpenMP team (omp_team.h explains why).
+bool use_openmp() {
+  static const bool wanted = [] {
+    const char* env = std::getenv("FASTLOSS_CPU_POOL");
+    return env == nullptr || std::string(env) != "own";
+  }();
+  return wanted && omp_team_available();
+}
 
 int detect_thread_count() {
   if (const char* env = std::getenv("FASTLOSS_NUM_THREADS")) {
@@ -36,7 +58,7 @@ class Pool {
  public:
   explicit Pool(int threads) : owner_pid_(getpid()) {
     try {
-      for (int i = 1; i < threads; ++i) workers_.emplace_back([this, i] { work(i); });
+      for (int i = 1; i < threads; ++i) workers_.emplace_back([this] { work(); });
     } catch (const std::exception&) {
       // Could not start them all (resource limits): work with the threads that did start.
     }
@@ -49,49 +71,54 @@ class Pool {
   pid_t owner_pid() const { return owner_pid_; }
   std::mutex& user_mutex() { return user_mutex_; }
 
-  void run(int pieces, const std::function<void(int)>& fn) {
+  // The caller and the workers that wake up in time claim pieces one by one; the caller then waits
+  // only for pieces already started. A worker that the scheduler has not run yet (the cores are
+  // taken by torch's spinning OpenMP workers or another process) costs nothing: the caller does its
+  // share, so a loop never waits a scheduler time slice for a thread that has not started.
+  void run(int pieces, int helpers, const std::function<void(int)>& fn) {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       task_ = &fn;
       pieces_ = pieces;
-      pending_ = pieces - 1;
+      next_ = 0;
       failure_ = nullptr;
-      ++generation_;
     }
-    wake_.notify_all();
-    run_piece(fn, 0);
+    for (int i = 0; i < helpers; ++i) wake_.notify_one();
     std::unique_lock<std::mutex> lock(mutex_);
-    done_.wait(lock, [this] { return pending_ == 0; });
+    while (next_ < pieces_) {
+      const int piece = next_++;
+      lock.unlock();
+      run_piece(fn, piece);
+      lock.lock();
+    }
+    done_.wait(lock, [this] { return running_ == 0; });
     task_ = nullptr;
+    pieces_ = 0;
     if (failure_) std::rethrow_exception(failure_);
   }
 
  private:
   void run_piece(const std::function<void(int)>& fn, int piece) {
-    inside_piece = true;
+    const PieceScope scope;
     try {
       fn(piece);
     } catch (...) {
       std::lock_guard<std::mutex> lock(mutex_);
       if (!failure_) failure_ = std::current_exception();
     }
-    inside_piece = false;
   }
 
-  void work(int index) {
-    unsigned long long seen = 0;
+  void work() {
+    std::unique_lock<std::mutex> lock(mutex_);
     for (;;) {
-      const std::function<void(int)>* task;
-      {
-        std::unique_lock<std::mutex> lock(mutex_);
-        wake_.wait(lock, [&] { return generation_ != seen; });
-        seen = generation_;
-        if (index >= pieces_) continue;  // not needed for this loop
-        task = task_;
-      }
-      run_piece(*task, index);
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (--pending_ == 0) done_.notify_one();
+      wake_.wait(lock, [this] { return next_ < pieces_; });
+      const int piece = next_++;
+      ++running_;
+      const std::function<void(int)>* task = task_;
+      lock.unlock();
+      run_piece(*task, piece);
+      lock.lock();
+      if (--running_ == 0) done_.notify_one();
     }
   }
 
@@ -102,9 +129,9 @@ class Pool {
   std::condition_variable wake_;
   std::condition_variable done_;
   const std::function<void(int)>* task_ = nullptr;
-  int pieces_ = 0;
-  int pending_ = 0;
-  unsigned long long generation_ = 0;
+  int pieces_ = 0;   // of the current loop; 0 between loops
+  int next_ = 0;     // the next unclaimed piece
+  int running_ = 0;  // pieces claimed by workers and not finished
   std::exception_ptr failure_;
 };
 
@@ -132,6 +159,8 @@ int cpu_thread_count() {
   return limit > 0 && limit < size ? limit : size;
 }
 
+const char* cpu_pool_name() { return use_openmp() ? "openmp" : "fastloss"; }
+
 void set_cpu_thread_limit(int threads) { thread_limit.store(threads > 0 ? threads : 1, std::memory_order_relaxed); }
 
 void run_pieces(int pieces, const std::function<void(int)>& fn) {
@@ -139,13 +168,27 @@ void run_pieces(int pieces, const std::function<void(int)>& fn) {
     for (int i = 0; i < pieces; ++i) fn(i);
     return;
   }
+  if (use_openmp()) {
+    // One loop at a time, as with the pool: a second calling thread would get a second team.
+    static std::mutex in_use_mutex;
+    std::unique_lock<std::mutex> in_use(in_use_mutex, std::try_to_lock);
+    if (!in_use.owns_lock()) {
+      for (int i = 0; i < pieces; ++i) fn(i);
+      return;
+    }
+    omp_team_run(pieces, std::min(pieces, cpu_thread_count()), [&](int piece) {
+      const PieceScope scope;
+      fn(piece);
+    });
+    return;
+  }
   Pool& p = pool();
   std::unique_lock<std::mutex> in_use(p.user_mutex(), std::try_to_lock);
-  if (!in_use.owns_lock() || pieces > p.size()) {
+  if (!in_use.owns_lock()) {
     for (int i = 0; i < pieces; ++i) fn(i);
     return;
   }
-  p.run(pieces, fn);
+  p.run(pieces, std::min(pieces, cpu_thread_count()) - 1, fn);
 }
 
 }  // namespace fl

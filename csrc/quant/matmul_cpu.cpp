@@ -55,6 +55,11 @@ void decode_tile(const PackedWeight& w, int64_t rt, int64_t kw, const int* zeros
 // M = 1: 5.6 vs 9.1, M = 2: 8.7 vs 9.6, M = 4: 12.7 vs 11.2, M = 8: 20.8 vs 13.9.
 constexpr int64_t kCodeOrderRows = 2;
 
+// The code-order loop's pieces hold at least this many weights (and 16 rows): a smaller loop runs on
+// the calling thread. Measured (bench/threads_calibrate.py, 2 cores): one row of x on 64x128 weights
+// takes 0.03 ms, about what waking threads that are not spinning costs; 256x256 gains 1.3x from 2 threads.
+constexpr int64_t kMinWeightsPerPiece = 1 << 15;
+
 // kCodeValues[b][i]: the code at plane i of byte b.
 struct CodeValueTable {
   float values[256][4];
@@ -133,7 +138,7 @@ void matmul_code_order(const MatmulProblem& p) {
       x_sum[m * s.groups + kw / words_per_group] += group_part;
     }
   }
-  parallel_for(s.rows, 16, [&](int64_t begin, int64_t end) {
+  parallel_for(s.rows, std::max<int64_t>(16, kMinWeightsPerPiece / std::max<int64_t>(1, s.cols)), [&](int64_t begin, int64_t end) {
     std::vector<float> total((end - begin) * M), group_sum(M);
     code_order_rows(w, x_code.data(), x_sum.data(), M, begin, end, total.data(), group_sum.data());
     const T* bias = static_cast<const T*>(p.bias);
