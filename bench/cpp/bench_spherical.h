@@ -64,9 +64,8 @@ inline int64_t bytes_moved(Pass pass, Shape shape, int64_t element_bytes) {
 // The problem description the entry points take, for row-major contiguous logits.
 inline fl::spherical::DenseLossProblem make_problem(fl::DType dtype, const void* logits, Shape shape,
                                                     const int64_t* target, const fl::spherical::LossParams& params) {
-  fl::spherical::DenseLossProblem problem{dtype, logits, shape.rows, shape.cols, shape.cols,
-                                          target, kIgnoreIndex, params};
-  problem.op_name = "fastloss_bench spherical";
+  fl::spherical::DenseLossProblem problem{dtype, logits, shape.rows, shape.cols, shape.cols, target, kIgnoreIndex,
+                                          params, "fastloss_bench spherical", fl::DeviceErrorSlot{}};
   return problem;
 }
 
