@@ -99,12 +99,21 @@ FL_CPU_MULTIVERSION void similarity_rows(const Inputs<Acc>& in, int64_t i0, int6
 
 // Row i of the block as the losses see it (classes and, for euclidean losses, distances).
 template <class Acc>
-Row<Acc> make_row(const Inputs<Acc>& in, int64_t i, const Acc* s, Scratch<Acc>& sc) {
+FL_CPU_MULTIVERSION Row<Acc> make_row(const Inputs<Acc>& in, int64_t i, const Acc* s, Scratch<Acc>& sc) {
   in.classify(i, sc.cls.data());
   Row<Acc> row{s, sc.cls.data(), in.p.m, in.p.kind == LossKind::InfoNCE || in.p.kind == LossKind::AUC ? in.target(i) : 0,
                nullptr};
   if (uses_distance(in.p)) {
-    for (int64_t j = 0; j < in.p.m; ++j) sc.dist[j] = unit_distance(in.x_sqnorm[i], in.y_sqnorm[j], s[j]);
+    const Acc* xi = in.x + i * in.p.dim;
+    for (int64_t j = 0; j < in.p.m; ++j) {
+      const Acc* yj = in.y + j * in.p.dim;
+      sc.dist[j] = pair_distance(in.x_sqnorm[i], in.y_sqnorm[j], s[j], [&] {
+        Acc sum = 0;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t t = 0; t < in.p.dim; ++t) sum += (xi[t] - yj[t]) * (xi[t] - yj[t]);
+        return sum;
+      });
+    }
     row.dist = sc.dist.data();
   }
   return row;

@@ -107,6 +107,28 @@ __global__ void __launch_bounds__(kThreads) squared_norms_kernel(const T* __rest
   if (lane == 0) out[r] = sum;
 }
 
+// S (rows x m) replaced in place by the euclidean distances (pair_distance of pair_losses.h: the
+// GEMM form, recomputed from the differences for close pairs), one pair per thread; the euclidean
+// losses read only the distances.
+template <class T>
+__global__ void __launch_bounds__(kThreads) distances_kernel(const T* __restrict__ x, const T* __restrict__ y,
+                                                             int64_t rows, int64_t m, int64_t dim,
+                                                             const float* __restrict__ x_sqnorm,
+                                                             const float* __restrict__ y_sqnorm, float* s) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < rows * m; k += stride) {
+    const int64_t r = k / m, j = k % m;
+    s[k] = pair_distance(x_sqnorm[r], y_sqnorm[j], s[k], [&] {
+      float sum = 0;
+      for (int64_t t = 0; t < dim; ++t) {
+        const float diff = to_acc(x[r * dim + t]) - to_acc(y[j * dim + t]);
+        sum += diff * diff;
+      }
+      return sum;
+    });
+  }
+}
+
 // The pair classes of rows [r0, r0 + rows), as Inputs::classify of metric_cpu.cpp: labels, or the
 // target column (AUC; InfoNCE runs in info_nce_cuda.cu), then the self pair excluded. Positive lists come after
 // (positive_lists_kernel).
@@ -157,8 +179,6 @@ struct RowParams {
   const float* s;
   const uint8_t* cls;
   const int64_t* targets;  // null: the diagonal
-  const float* x_sqnorm;   // null unless distances are used
-  const float* y_sqnorm;
   float* terms;  // forward outputs (null: no forward)
   float* counts;
   float* stats;
@@ -254,9 +274,7 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(RowParams q) {
   const DeviceRow row{q.s + r * q.m,
                       q.cls + r * q.m,
                       q.m,
-                      q.targets != nullptr ? q.targets[i] : i,
-                      q.x_sqnorm != nullptr ? q.x_sqnorm[i] : 0.0f,
-                      q.y_sqnorm};
+                      q.targets != nullptr ? q.targets[i] : i};
   // A target outside [0, m) (possible only with the host check turned off) makes the row NaN.
   const bool bad_target = q.kind == LossKind::AUC && (row.target < 0 || row.target >= q.m);
   float stats[kRowStats] = {0, 0, 0, 0};
@@ -330,8 +348,6 @@ void run_pass(const PairProblem& p, const Pass& pass, void* workspace, int64_t w
   q.s = ws.s;
   q.cls = ws.cls;
   q.targets = p.targets;
-  q.x_sqnorm = distances ? ws.x_sqnorm : nullptr;
-  q.y_sqnorm = distances ? ws.y_sqnorm : nullptr;
   q.terms = pass.terms;
   q.counts = pass.counts;
   q.stats = pass.stats;
@@ -354,6 +370,11 @@ void run_pass(const PairProblem& p, const Pass& pass, void* workspace, int64_t w
     const int64_t rows = std::min(ws.rows, n - r0);
     const T* x_chunk = x + r0 * dim;
     cuda_gemm::gemm<TS>(rows, m, dim, View<T>{x_chunk, dim, 1}, View<T>{y, 1, dim}, 1.0f, 0.0f, ws.s, m, stream);
+    if (distances) {
+      distances_kernel<T><<<blocks_for(rows * m, kThreads), kThreads, 0, stream>>>(x_chunk, y, rows, m, dim,
+                                                                                 ws.x_sqnorm + r0, ws.y_sqnorm, ws.s);
+      FL_CUDA_CHECK_LAUNCH(distances_kernel);
+    }
     c.r0 = r0;
     c.rows = rows;
     classify_kernel<<<blocks_for(rows * m, kThreads * 4), kThreads, 0, stream>>>(c);

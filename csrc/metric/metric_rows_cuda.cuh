@@ -70,9 +70,8 @@ struct DeviceRow {
   const uint8_t* cls;     // m pair classes
   int64_t m;
   int64_t target;         // InfoNCE / AUC: the positive column
-  float x_sqnorm;         // euclidean losses: |x_i|^2 and the |y_j|^2 (null otherwise)
-  const float* y_sqnorm;
-  __device__ __forceinline__ float dist(int64_t j) const { return unit_distance(x_sqnorm, y_sqnorm[j], s[j]); }
+  // Euclidean losses: metric_cuda.cu's distances_kernel has replaced the similarities by the distances.
+  __device__ __forceinline__ float dist(int64_t j) const { return s[j]; }
 };
 
 // The columns j of team member t: rank, rank + size, ...
@@ -87,7 +86,12 @@ __device__ __forceinline__ float team_lse(const Team& t, const DeviceRow& r, Val
     if (keep(j) && v > mx) mx = v;
   }
   mx = team_max(t, mx);
-  if (mx == kNegInf<float>) return mx;
+  if (mx == kNegInf<float>) {  // (uniform over the team) only NaN or -inf kept: NaN, as row_lse
+    float nan = 0.0f;
+    FL_TEAM_COLUMNS(t, j, r.m)
+      if (keep(j) && value(j) != value(j)) nan = 1.0f;
+    return team_max(t, nan) > 0.0f ? __int_as_float(0x7fc00000) : mx;
+  }
   float sum = 0.0f;
   FL_TEAM_COLUMNS(t, j, r.m)
     if (keep(j)) sum += fast_exp(value(j) - mx);

@@ -118,13 +118,13 @@ def _label_problems(device: torch.device, quick: bool, compile_peer: bool) -> It
     g = torch.Generator().manual_seed(1)
     # (name, B, d, classes, fastloss, PML)
     cases = [
-        ("multi_similarity + mining", 4096, 128, 100, lambda e, y: M.multi_similarity(e, y),
+        ("multi_similarity + mining", 4096, 128, 100, lambda e, y: M.multi_similarity(e, y, mining=True),
          lambda e, y: losses.MultiSimilarityLoss()(e, y, miners.MultiSimilarityMiner(0.1)(e, y))),
-        ("multi_similarity + mining", 1024, 512, 64, lambda e, y: M.multi_similarity(e, y),
+        ("multi_similarity + mining", 1024, 512, 64, lambda e, y: M.multi_similarity(e, y, mining=True),
          lambda e, y: losses.MultiSimilarityLoss()(e, y, miners.MultiSimilarityMiner(0.1)(e, y))),
         ("supcon", 4096, 128, 100, lambda e, y: M.supcon(e, y), lambda e, y: losses.SupConLoss()(e, y)),
         ("nt_xent (2 views)", 512, 128, 256, lambda e, y: M.nt_xent(e, y), lambda e, y: losses.NTXentLoss()(e, y)),
-        ("circle", 2048, 128, 64, lambda e, y: M.circle(e, y), lambda e, y: losses.CircleLoss(0.25, 256)(e, y)),
+        ("circle", 2048, 128, 64, lambda e, y: M.circle(e, y), lambda e, y: losses.CircleLoss()(e, y)),
         ("contrastive", 2048, 128, 64, lambda e, y: M.contrastive(e, y), lambda e, y: losses.ContrastiveLoss()(e, y)),
         ("triplet all", 512, 128, 16, lambda e, y: M.triplet(e, y), lambda e, y: losses.TripletMarginLoss()(e, y)),
         ("triplet batch_hard", 2048, 128, 64, lambda e, y: M.triplet(e, y, mining="batch_hard"),
