@@ -28,6 +28,7 @@ class ZLoss(_ClassificationLoss):
         self.a, self.b, self.eps = a, b, eps
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The Z-loss of logits ``input`` (..., D) against class indices ``target`` (...) int64; see :func:`fastloss.zloss`."""
         return F.zloss(input, target, a=self.a, b=self.b, eps=self.eps, reduction=self.reduction, ignore_index=self.ignore_index)
 
     def extra_repr(self) -> str:
@@ -42,6 +43,8 @@ class SphericalSoftmaxLoss(_ClassificationLoss):
         self.eps = eps
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The spherical-softmax loss of ``input`` (..., D) against ``target`` (...) int64; see
+        :func:`fastloss.spherical_softmax_loss`."""
         return F.spherical_softmax_loss(input, target, eps=self.eps, reduction=self.reduction, ignore_index=self.ignore_index)
 
     def extra_repr(self) -> str:
@@ -52,4 +55,6 @@ class TaylorSoftmaxLoss(_ClassificationLoss):
     """Module form of :func:`fastloss.taylor_softmax_loss`."""
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The Taylor-softmax loss of ``input`` (..., D) against ``target`` (...) int64; see
+        :func:`fastloss.taylor_softmax_loss`."""
         return F.taylor_softmax_loss(input, target, reduction=self.reduction, ignore_index=self.ignore_index)

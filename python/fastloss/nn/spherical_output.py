@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import struct
+import warnings
 import weakref
 
 import torch
@@ -49,6 +50,17 @@ def _describe_refused_step(reason: int, lam_bits: int, bound_bits: int) -> str:
         4: "a class index out of range",
     }.get(reason, f"reason {reason}")
     return f"{what}; the update was skipped and the layer's state is unchanged"
+
+
+def _caller_stacklevel() -> int:
+    """The stacklevel of the first frame outside torch.nn and this file: the user's ``.to()`` call,
+    however deep the module tree that relayed it."""
+    import sys
+
+    frame, level = sys._getframe(1), 1
+    while frame is not None and (frame.f_code.co_filename == __file__ or "torch/nn/modules" in frame.f_code.co_filename):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 _GUARD_CODE = L.register_device_error("SphericalOutputLayer", None, _describe_refused_step, RuntimeError)
@@ -149,6 +161,19 @@ class SphericalOutputLayer(torch.nn.Module):
             unchecked and records its residual bound for ``check()``. Either way an eager CUDA step
             reads nothing back, except ``stabilize()`` every ``stabilize_every`` steps (one read).
 
+    Learning rate and ``eps`` for ``loss="spherical_softmax"``: -log((o_c^2 + eps) / sum_k (o_k^2 + eps)) is
+    (up to eps) invariant to the scale of the outputs, so its gradient is orthogonal to W and a step only
+    grows ||W||, and dL/do_c = -2 o_c / (o_c^2 + eps) peaks at 1/sqrt(eps) when the target output o_c
+    crosses 0. With the default eps = 1e-6 a few such samples give steps of up to lr * 1000 |h|: at lr >= 0.2
+    ||W|| grows 4-40x within 100 steps, the effective step size (lr / ||w_row||^2) collapses and the loss
+    stops falling, which looks like "does not learn" (the layer is not at fault: it matches dense SGD to
+    1e-14 here). Either keep eps = 1e-6 with lr <= 0.05, or (recommended) take ``eps=1e-2`` for outputs of
+    order 1, which bounds the gradient at 5 and lets lr 0.2-1.0 work. Measured (float64, default init,
+    100 steps on a separable 100-class problem, d = 32, m = 64; ``tests/test_spherical_output_seams.py``):
+    eps = 1e-6: loss 6.09 -> 2.42 at lr 0.05, 2.88 at lr 0.2, 4.01 at lr 1 (uniform: 4.61);
+    eps = 1e-2: 5.59 -> 2.25 at lr 0.05, 1.63 at lr 0.2, 1.49 at lr 1. The Z-loss, which standardizes the
+    outputs, needs none of this (lr 0.2-5 all learn).
+
     ``loss = layer(h, target)`` (``h``: (..., d); ``target``: (...) or (..., K) int64, with an optional
     ``target_weight`` of the target's shape: the target values for "mse", per-entry weights otherwise).
     In training mode ``loss.backward()`` sets ``h.grad`` and applies the update; in eval mode it only
@@ -174,7 +199,7 @@ class SphericalOutputLayer(torch.nn.Module):
         dtype: torch.dtype = torch.float32,
         state_dtype: torch.dtype = torch.float64,
         device: torch.device | str | None = None,
-        process_group=None,
+        process_group: "torch.distributed.ProcessGroup | None" = None,
         deterministic: bool | None = None,
         check_stability: bool = True,
     ) -> None:
@@ -265,14 +290,41 @@ class SphericalOutputLayer(torch.nn.Module):
             return torch.addmm(self.omega.unsqueeze(0), self.V.to(self.state_dtype), self.U)
 
     @classmethod
-    def from_linear(cls, linear: torch.nn.Linear, **kwargs) -> "SphericalOutputLayer":
-        """A layer whose W is ``linear.weight`` (out_features = D classes); ``linear`` must have no bias."""
+    def from_linear(
+        cls,
+        linear: torch.nn.Linear,
+        *,
+        loss: str = "zloss",
+        lr: float,
+        weight_decay: float = 0.0,
+        a: float = 1.0,
+        b: float = 0.0,
+        eps: float | None = None,
+        reduction: str = "mean",
+        ignore_index: int = -100,
+        stabilize_every: int = 100,
+        refresh_every: int = 1000,
+        dtype: torch.dtype | None = None,
+        state_dtype: torch.dtype = torch.float64,
+        device: torch.device | str | None = None,
+        process_group: "torch.distributed.ProcessGroup | None" = None,
+        deterministic: bool | None = None,
+        check_stability: bool = True,
+    ) -> "SphericalOutputLayer":
+        """A layer whose W is ``linear.weight`` (out_features = D classes); ``linear`` must have no bias.
+        The arguments are the constructor's; ``device`` defaults to the weight's, ``dtype`` to its dtype when
+        float32/float64 (else float32)."""
         if not isinstance(linear, torch.nn.Linear):
             raise TypeError(f"fastloss.SphericalOutputLayer.from_linear: expected a torch.nn.Linear, got {type(linear).__name__}")
         if linear.bias is not None:
             raise ValueError("fastloss.SphericalOutputLayer.from_linear: the layer has no bias; pass a Linear with bias=False")
-        kwargs.setdefault("device", linear.weight.device)
-        kwargs.setdefault("dtype", linear.weight.dtype if linear.weight.dtype in ops.STATE_DTYPES else torch.float32)
+        kwargs = dict(loss=loss, lr=lr, weight_decay=weight_decay, a=a, b=b, eps=eps, reduction=reduction,
+                      ignore_index=ignore_index, stabilize_every=stabilize_every, refresh_every=refresh_every,
+                      state_dtype=state_dtype, process_group=process_group, deterministic=deterministic,
+                      check_stability=check_stability)  # fmt: skip
+        kwargs["device"] = linear.weight.device if device is None else device
+        kwargs["dtype"] = dtype if dtype is not None else (linear.weight.dtype if linear.weight.dtype in ops.STATE_DTYPES
+                                                           else torch.float32)  # fmt: skip
         layer = cls(linear.in_features, linear.out_features, init="zeros", **kwargs)
         with torch.no_grad():
             layer.V.copy_(linear.weight)
@@ -286,6 +338,42 @@ class SphericalOutputLayer(torch.nn.Module):
             f"state_dtype={self.state_dtype}"
         )
 
+    # Buffers kept in the state dtype whatever a module-wide cast asks: the factored update's U, U^-T, Q
+    # and wbar are what make it exact (U^-T drifts in float32 and breaks in 16 bits).
+    _STATE_BUFFERS = ("packed", "u_inv_t", "_unchecked_bound")
+
+    def _apply(self, fn, recurse=True):
+        """``.to(device)`` / ``.cuda()`` move everything. A dtype cast (``.to(dtype)``, ``.half()``,
+        ``.bfloat16()``, ``.float()``, ``.double()``, often applied to a whole model) converts V only to
+        float32 or float64; the state (U, U^-T, Q, omega, wbar) keeps ``state_dtype``. A 16-bit cast leaves
+        V as it is and warns: the kernels keep V in float32/float64, and 16-bit h are accepted anyway."""
+        names = {id(t): name for name, t in self._buffers.items() if t is not None}
+        ignored: list[torch.dtype] = []
+
+        def convert(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            name = names.get(id(t))
+            if name is None or out.dtype == t.dtype:
+                return out
+            if name == "V" and out.dtype in ops.STATE_DTYPES:
+                return out
+            if name == "V":
+                ignored.append(out.dtype)
+            # Converting back from ``out`` would keep its rounding: move the original instead.
+            return t.to(device=out.device)
+
+        super()._apply(convert, recurse)
+        if ignored:
+            warnings.warn(
+                f"fastloss.SphericalOutputLayer: ignored the cast to {ignored[0]}: V stays {self.V.dtype} and the "
+                f"factored state {self.state_dtype} (the exact update needs them; 16-bit V is not supported). The layer "
+                f"still takes {ignored[0]} inputs h and returns dL/dh in their dtype. To avoid this warning, cast the "
+                "other submodules only (e.g. model.backbone.to(...))",
+                stacklevel=_caller_stacklevel(),
+            )
+        self._version += 1  # a forward saved before a move must not drive a backward into the moved state
+        return self
+
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         self._version += 1
@@ -293,6 +381,14 @@ class SphericalOutputLayer(torch.nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, h: torch.Tensor, target: torch.Tensor, target_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss of ``h`` (..., d) against ``target`` ((...) or (..., K) int64 class indices, ``ignore_index``
+        pads), reduced by ``reduction`` (float32 for 16-bit h, else h's dtype).
+
+        ``target_weight`` (the target's shape): the target values for "mse", per-entry weights otherwise.
+        In training mode the following ``loss.backward()`` sets ``h.grad`` and applies the layer's own SGD
+        step (one training forward per backward); in eval mode it only sets ``h.grad``. Shapes, dtypes and
+        (on the CPU) class indices are checked before anything changes.
+        """
         h2, target2, weight2, shape = self._check_inputs(h, target, target_weight)
         trigger = torch.empty(0, device=h.device, requires_grad=True) if torch.is_grad_enabled() else None
         loss = _Step.apply(h2, trigger, self, target2, weight2)
