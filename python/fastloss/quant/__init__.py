@@ -113,8 +113,14 @@ def packed_linear(x, main, side, side_index, scales, zeros, bias, shape, group_s
     on_gpu = L.is_cuda(x)
     allowed = (scales.dtype,) if on_gpu else _ops.CPU_TYPES
     if x.dtype not in allowed:
-        raise ValueError(f"{fn}: 'x' is {x.dtype}; on {'cuda' if on_gpu else x.device.type} it must be one of {allowed} "
-                         f"(the CUDA kernel needs the scales' dtype: qw.to({x.dtype}))")  # fmt: skip
+        where = "cuda" if on_gpu else x.device.type
+        if not x.is_floating_point() or x.dtype not in _format.SCALE_TYPES:
+            # Integer (token ids?) or float32/64 activations: the fix is on x's side.
+            hint = (f"convert the activations: x.to({scales.dtype})" + ("" if x.is_floating_point() else
+                    "; integer x are usually token ids, which need an embedding before a linear layer"))  # fmt: skip
+        else:
+            hint = f"the CUDA kernel needs the scales' dtype {scales.dtype}: x.to({scales.dtype}), or qw.to({x.dtype})"
+        raise ValueError(f"{fn}: 'x' is {x.dtype}; on {where} it must be one of {allowed} ({hint})")
     if bias is not None and (bias.shape != (out_features,) or bias.dtype != x.dtype or bias.device != x.device):
         raise ValueError(f"{fn}: 'bias' must be a {x.dtype} vector of {out_features} on {x.device}")
     x2 = x.reshape(-1, in_features) if x.dim() != 2 else x
