@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from .. import _library as L
 from .. import _validate as V
-from . import _ops
+from . import _ops, _padding
 
 FN = "softplus_attention"
 
@@ -93,6 +93,8 @@ def softplus_attention(
     cu_seqlens: torch.Tensor | None = None,
     max_seqlen: int | None = None,
     window: int | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softplus attention with l1 normalization (LSSA) and, with ``reweight=p``, re-weighting (LSSAR),
     from Gao & Spratling, "Softplus Attention with Re-weighting Boosts Length Extrapolation" (ICML 2026).
@@ -124,6 +126,16 @@ def softplus_attention(
         max_seqlen: accepted for FlashAttention-style callers; the kernels do not need it.
         window: a row sees at most its last ``window`` keys (causal) or the keys within ``window - 1``
             positions of it (non-causal).
+        key_padding_mask: bool (batch, seq_k), True = attend (SDPA's boolean ``attn_mask`` convention), for
+            padded batches. Each batch row is the sequence of its valid keys: causality, ``window``, N_i and
+            the offset-rows rule count valid keys only, so a padded row gives what the unpadded sequence gives
+            alone; query row i is aligned with key ``seq_k - seq_q + i`` and outputs zeros when that key is
+            padding. With seq_q == seq_k the valid keys of a row must be one run (left or right padding; fused
+            kernels on packed documents); with seq_q < seq_k (decoding against a padded cache) any pattern
+            (torch ops on the (seq_q, seq_k) scores: meant for short seq_q). Not with ``cu_seqlens``.
+        attn_mask: the same as a bool mask broadcastable to (batch, 1, 1, seq_k), as SDPA takes it. Other
+            masks (per query or per head, additive floats) are refused: use ``causal``, ``cu_seqlens`` or
+            ``window``.
 
     Returns the output, shaped and typed like q. Differentiable in q, k and v.
 
@@ -149,11 +161,19 @@ def softplus_attention(
             raise ValueError(f"fastloss.{FN}: argument 'window' must be >= 1 (or None), got {window}")
     if max_seqlen is not None and V.integer(FN, "max_seqlen", max_seqlen) < 0:
         raise ValueError(f"fastloss.{FN}: argument 'max_seqlen' must be >= 0, got {max_seqlen}")
+    mask = _padding.key_padding(key_padding_mask, attn_mask, q, k)
+    if mask is not None and cu_seqlens is not None:
+        raise ValueError(f"fastloss.{FN}: give 'cu_seqlens' (packed documents) or a key padding mask, not both")
     cu = None if cu_seqlens is None else _check_cu_seqlens(cu_seqlens, q, k)
     L.require_cuda_kernels(FN, q)
     if normalize_qk:
         acc = L.accumulator_dtype(q.dtype)  # the norm of a 16-bit row is taken in float32
         q = F.normalize(q.to(acc), dim=-1).to(q.dtype)
         k = F.normalize(k.to(acc), dim=-1).to(k.dtype)
+    if mask is not None:
+        args = (mask, causal, window_size, length_scale, scale_value, power, offset_rows)
+        if q.shape[2] == k.shape[2]:
+            return _padding.packed_forward(_ops.forward, q, k, v, *args)
+        return _padding.rows_forward(q, k, v, *args)
     out, _ = _ops.forward(q, k, v, cu, causal, window_size, length_scale, scale_value, power, offset_rows)
     return out

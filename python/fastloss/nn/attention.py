@@ -30,7 +30,7 @@ class SoftplusAttention(torch.nn.Module):
         causal, scale, reweight, reweight_offset_rows, normalize_qk, window: as in
             ``fastloss.softplus_attention``.
 
-    ``forward(x, *, cu_seqlens=None, past_key_value=None, use_cache=False, positions=None)``: with a
+    ``forward(x, *, cu_seqlens=None, past_key_value=None, use_cache=False, positions=None, key_padding_mask=None)``: with a
     cache ``(k, v)`` of earlier positions (B, Hkv, P, d), already rotated, the new rows attend to the
     cache and to themselves (decoding: N = 1); with ``use_cache`` it returns ``(out, (k, v))``.
     ``positions`` (N,) are the absolute positions given to ``rotary``; by default they continue from
@@ -41,7 +41,8 @@ class SoftplusAttention(torch.nn.Module):
     def __init__(self, embed_dim: int, num_heads: int, *, num_kv_heads: int | None = None, head_dim: int | None = None,
                  rotary: RotaryHook | None = None, bias: bool = False, causal: bool = True,
                  scale: str | float | None = "length", reweight: float | None = None, reweight_offset_rows: int = 3,
-                 normalize_qk: bool = True, window: int | None = None, device=None, dtype=None) -> None:  # fmt: skip
+                 normalize_qk: bool = True, window: int | None = None, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:  # fmt: skip
         super().__init__()
         fn = "nn.SoftplusAttention"
         embed_dim, num_heads = V.integer(fn, "embed_dim", embed_dim), V.integer(fn, "num_heads", num_heads)
@@ -68,13 +69,46 @@ class SoftplusAttention(torch.nn.Module):
         opts = ", ".join(f"{k}={v}" for k, v in self.options.items())
         return f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, {opts}"
 
-    def forward(self, x: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None,
-                past_key_value: tuple[torch.Tensor, torch.Tensor] | None = None, use_cache: bool = False,
-                positions: torch.Tensor | None = None):  # fmt: skip
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        cu_seqlens: torch.Tensor | None = None,
+        past_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
+        use_cache: bool = False,
+        positions: torch.Tensor | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Self-attention of ``x`` (batch, seq, embed_dim) -> (batch, seq, embed_dim).
+
+        Args:
+            x: the new positions.
+            cu_seqlens: packed documents in a batch of 1 (see ``fastloss.softplus_attention``).
+            past_key_value: ``(k, v)`` of earlier positions, (batch, num_kv_heads, P, head_dim), already
+                rotated; the new rows attend to it and to themselves (decoding: seq = 1). Its batch must be x's.
+            use_cache: also return the updated ``(k, v)``.
+            positions: (seq,) absolute positions for ``rotary``; default: continuing from the cache length.
+            key_padding_mask: bool (batch, P + seq), True = attend, over the cache and the new positions
+                (SDPA's boolean convention); ``attn_mask``: the same, broadcastable to (batch, 1, 1, P + seq).
+                A padded batch row gives what its unpadded sequence gives alone; query rows at padded
+                positions give zeros before ``out_proj`` (its bias after it). ``positions`` given to
+                ``rotary`` stay the padded ones: pass ``positions`` (or left-pad) if RoPE must skip padding.
+
+        Returns the output, or ``(output, (k, v))`` with ``use_cache``.
+        """
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if past_key_value is not None:
+            if not (isinstance(past_key_value, (tuple, list)) and len(past_key_value) == 2):
+                raise TypeError("fastloss.nn.SoftplusAttention: 'past_key_value' must be a (k, v) pair")
+            cached = past_key_value[0].shape[0]
+            if cached != batch or past_key_value[1].shape[0] != batch:
+                raise ValueError(f"fastloss.nn.SoftplusAttention: 'past_key_value' holds a batch of {cached} but 'x' has "
+                                 f"{batch}; the cache must come from a call on the same batch (reorder or slice it "
+                                 f"with the batch, e.g. for beam search)")  # fmt: skip
         past = 0 if past_key_value is None else past_key_value[0].shape[2]
         if positions is None:
             positions = torch.arange(past, past + seq, device=x.device)
@@ -86,6 +120,7 @@ class SoftplusAttention(torch.nn.Module):
         if past_key_value is not None:
             k = torch.cat([past_key_value[0], k], dim=2)
             v = torch.cat([past_key_value[1], v], dim=2)
-        out = softplus_attention(q, k, v, cu_seqlens=cu_seqlens, **self.options)
+        out = softplus_attention(q, k, v, cu_seqlens=cu_seqlens, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+                                 **self.options)  # fmt: skip
         out = self.out_proj(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim))
         return (out, (k, v)) if use_cache else out
